@@ -1,0 +1,1 @@
+//! Point-in-time retention policy (placeholder until the restore-point work lands).

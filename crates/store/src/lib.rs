@@ -1,0 +1,53 @@
+//! Volumes and durability.
+//!
+//! Everything that decides whether a byte is on stable storage lives here, with no async and no
+//! networking, so it can be driven by plain threads in tests (including a volume that loses
+//! unflushed writes on a simulated power cut).
+//!
+//! * [`volume`] — the [`Volume`] contract (positioned writes, explicit flush) and its file /
+//!   block-device implementation.
+//! * [`applier`] — the per-disk writer + group-commit flusher: only a completed flush moves the
+//!   durable sequence, and only the durable sequence is ever reported for acks.
+//! * [`meta`] — per-disk metadata written atomically (temp file, fsync, rename, fsync dir).
+//! * [`fsutil`] — the crash-safe file helpers the rest uses.
+//!
+//! Architecture invariant: no function here reports a sequence as durable before the
+//! `fdatasync` covering it returned success.
+
+pub mod applier;
+pub mod fsutil;
+pub mod meta;
+pub mod volume;
+
+pub use applier::{Applier, ApplierEvent, ApplierHandle, Op};
+pub use meta::DiskMeta;
+pub use volume::{FileVolume, Volume};
+
+/// Errors at the store's boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O call failed; `what` reads as a sentence fragment ("opening volume /x").
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A metadata file exists but cannot be understood.
+    #[error("metadata {path} is corrupt: {reason}")]
+    CorruptMeta { path: String, reason: String },
+    /// An existing volume does not match what was asked for.
+    #[error("volume {path} is {actual} bytes, expected at least {expected}")]
+    TooSmall {
+        path: String,
+        actual: u64,
+        expected: u64,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let what = what.into();
+        move |source| StoreError::Io { what, source }
+    }
+}
