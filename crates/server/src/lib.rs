@@ -1,1 +1,389 @@
-//! stub
+//! The Slipway replication server: the async shell around `slipway-proto` and `slipway-store`.
+//!
+//! ```text
+//! quinn endpoint ─▶ session (one per agent connection)
+//!                     ├─ control stream: hello, disk open, progress, heartbeats
+//!                     └─ one stream per disk: validated writes ─▶ Applier (store) ─▶ durable acks
+//! admin.sock (status, restore points)    /metrics, /healthz (HTTP)
+//! ```
+//!
+//! What lives here is wiring and policy: who may open which disk (auth), how much memory a
+//! connection may pin (back-pressure), how fast the server reads (throttle), and what state a
+//! disk is in (status). Durability itself is the store's job; this crate only forwards the
+//! store's durable positions as acks and never invents one.
+
+pub mod admin;
+pub mod auth;
+mod http;
+pub mod metrics;
+mod session;
+pub mod settings;
+pub mod status;
+mod throttle;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::{watch, Semaphore};
+
+use crate::auth::TokenKey;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::status::{DiskReport, DiskStatus, SourceReport, StatusReport};
+use crate::throttle::Throttle;
+
+pub use settings::SettingsError;
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("data dir {0} is in use by another slipway server")]
+    Locked(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] slipway_net::tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Store(#[from] slipway_store::StoreError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Io { what, source }
+}
+
+/// Where the running server can be reached, reported once it is ready.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Ready {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub fingerprint: String,
+    pub tls_generated: bool,
+    pub data_dir: PathBuf,
+}
+
+/// One source disk known to the server (connected or not).
+pub(crate) struct DiskSlot {
+    pub source: String,
+    pub disk: String,
+    /// Held by the session that has the disk open; a new session waits for the old one to
+    /// finish flushing before it may open the disk.
+    pub lease: Arc<tokio::sync::Mutex<()>>,
+    pub status: Mutex<DiskStatus>,
+}
+
+pub(crate) struct Inner {
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub token_key: TokenKey,
+    pub fingerprint: String,
+    pub started: Instant,
+    pub disks: Mutex<BTreeMap<(String, String), Arc<DiskSlot>>>,
+    /// Live connection per source, with a generation so a late cleanup does not evict its
+    /// successor.
+    pub sessions: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    pub next_session: AtomicU64,
+    pub throttle: Option<Throttle>,
+    /// Server-wide budget of received-but-not-yet-written payload bytes.
+    pub memory: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Inner {
+    pub fn volume_dir(&self, source: &str) -> PathBuf {
+        self.settings.data_dir.join("volumes").join(source)
+    }
+
+    pub fn volume_path(&self, source: &str, disk: &str) -> PathBuf {
+        self.volume_dir(source).join(format!("{disk}.raw"))
+    }
+
+    pub fn meta_path(&self, source: &str, disk: &str) -> PathBuf {
+        self.volume_dir(source).join(format!("{disk}.meta.json"))
+    }
+
+    pub fn slot(&self, source: &str, disk: &str, size: u64, block_size: u32) -> Arc<DiskSlot> {
+        let mut g = self.disks.lock().unwrap();
+        g.entry((source.to_string(), disk.to_string()))
+            .or_insert_with(|| {
+                Arc::new(DiskSlot {
+                    source: source.into(),
+                    disk: disk.into(),
+                    lease: Arc::new(tokio::sync::Mutex::new(())),
+                    status: Mutex::new(DiskStatus::new(size, block_size, Instant::now())),
+                })
+            })
+            .clone()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Refreshes the per-disk gauges from the live status, then renders the exposition.
+    pub fn render_metrics(&self) -> String {
+        let now = Instant::now();
+        let stall = self.settings.stall_after;
+        let m = &self.metrics;
+        for slot in self.disks.lock().unwrap().values() {
+            let st = slot.status.lock().unwrap();
+            let l = [slot.source.as_str(), slot.disk.as_str()];
+            let state = st.state(now, stall).as_str();
+            for s in metrics::STATES {
+                m.disk_state
+                    .with_label_values(&[&slot.source, &slot.disk, s])
+                    .set((*s == state) as i64);
+            }
+            m.backlog_bytes
+                .with_label_values(&l)
+                .set(st.backlog_bytes as i64);
+            m.lag_seconds.with_label_values(&l).set(st.lag(now, stall));
+            m.disk_size_bytes.with_label_values(&l).set(st.size as i64);
+            m.replicated_bytes
+                .with_label_values(&l)
+                .set(st.replicated_bytes as i64);
+        }
+        m.render()
+    }
+
+    pub fn status_report(&self) -> StatusReport {
+        let now = Instant::now();
+        let stall = self.settings.stall_after;
+        let mut sources: BTreeMap<String, SourceReport> = BTreeMap::new();
+        for slot in self.disks.lock().unwrap().values() {
+            let st = slot.status.lock().unwrap();
+            let src = sources
+                .entry(slot.source.clone())
+                .or_insert_with(|| SourceReport {
+                    id: slot.source.clone(),
+                    connected: false,
+                    peer: None,
+                    disks: vec![],
+                    restore_points_blocked: None,
+                });
+            src.connected |= st.connected;
+            if st.connected {
+                src.peer = st.peer.clone();
+            }
+            let state = st.state(now, stall);
+            if state != status::ReplState::Continuous && src.restore_points_blocked.is_none() {
+                src.restore_points_blocked = Some(format!(
+                    "disk {} is {}, not continuous",
+                    slot.disk,
+                    state.as_str()
+                ));
+            }
+            src.disks.push(DiskReport {
+                id: slot.disk.clone(),
+                state,
+                reason: st.reason(now, stall),
+                size_bytes: st.size,
+                replicated_bytes: st.replicated_bytes,
+                rescanned_bytes: st.rescanned_bytes,
+                backlogged_bytes: st.backlogged_bytes,
+                backlog_bytes: st.backlog_bytes,
+                durable_seq: st.durable_seq,
+                synced: st.synced,
+                last_ack_unix_ms: st.last_ack.and_then(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_millis() as u64)
+                }),
+                lag_seconds: st.lag(now, stall),
+                eta_seconds: st.eta(),
+                rate_bytes_per_second: st.rate,
+            });
+        }
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            listen: self.settings.listen.to_string(),
+            fingerprint: self.fingerprint.clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            agents_connected: self.metrics.agents_connected.get(),
+            sources: sources.into_values().collect(),
+        }
+    }
+
+    pub async fn admin(self: &Arc<Self>, req: admin::Request) -> admin::Response {
+        match req {
+            admin::Request::Status => admin::Response::Status {
+                status: self.status_report(),
+            },
+        }
+    }
+
+    /// Loads the metadata of every volume on disk so status shows disks before their agents
+    /// reconnect.
+    fn load_known_disks(&self) -> Result<(), ServerError> {
+        let root = self.settings.data_dir.join("volumes");
+        let Ok(sources) = std::fs::read_dir(&root) else {
+            return Ok(());
+        };
+        for src in sources.flatten() {
+            let Ok(files) = std::fs::read_dir(src.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".meta.json") || name.starts_with('.') {
+                    continue;
+                }
+                match slipway_store::DiskMeta::load(&f.path()) {
+                    Ok(Some(m)) => {
+                        let slot = self.slot(&m.source_id, &m.disk_id, m.size, m.block_size);
+                        let mut st = slot.status.lock().unwrap();
+                        st.durable_seq = m.durable_seq;
+                        st.synced = m.synced;
+                        st.replicated_bytes = m.replicated_bytes;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "skipping unreadable disk metadata"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Holds an exclusive `flock` on `DATA_DIR/slipway.lock` for the life of the server.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    fn acquire(dir: &Path) -> Result<Self, ServerError> {
+        let path = dir.join("slipway.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        // SAFETY: flock on a valid fd we own; no memory is passed.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            return Err(ServerError::Locked(dir.display().to_string()));
+        }
+        Ok(DirLock { _file: f })
+    }
+}
+
+/// Runs the server until `shutdown` completes. `ready` is called once everything listens.
+pub async fn run(
+    settings: Settings,
+    ready: impl FnOnce(&Ready),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let dir = settings.data_dir.clone();
+    slipway_store::fsutil::create_dir_all_durable(&dir)?;
+    let _lock = DirLock::acquire(&dir)?;
+
+    let (identity, generated) = match &settings.tls_cert {
+        Some((c, k)) => (slipway_net::tls::ServerIdentity::load(c, k)?, false),
+        None => slipway_net::tls::ServerIdentity::load_or_generate(
+            &dir.join("tls"),
+            &settings.tls_names,
+        )?,
+    };
+    let fingerprint = identity.fingerprint();
+    let token_key = TokenKey::load_or_create(&dir)?;
+    let server_config = identity.server_config(&settings.tuning)?;
+
+    let endpoint = settings
+        .tuning
+        .server_endpoint(settings.listen, server_config)
+        .map_err(io_err(format!("listening on udp {}", settings.listen)))?;
+    let listen = endpoint
+        .local_addr()
+        .map_err(io_err("reading the QUIC address"))?;
+    let http = tokio::net::TcpListener::bind(settings.metrics_listen)
+        .await
+        .map_err(io_err(format!("listening on tcp {}", settings.metrics_listen)))?;
+    let metrics_listen = http
+        .local_addr()
+        .map_err(io_err("reading the metrics address"))?;
+    let admin_sock = admin::bind(&dir).map_err(io_err(format!(
+        "binding {}",
+        admin::socket_path(&dir).display()
+    )))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let inner = Arc::new(Inner {
+        throttle: (settings.bandwidth_bytes_per_sec > 0)
+            .then(|| Throttle::new(settings.bandwidth_bytes_per_sec)),
+        memory: Arc::new(Semaphore::new(settings.memory_limit_bytes as usize)),
+        settings: Settings {
+            listen,
+            metrics_listen,
+            ..settings
+        },
+        metrics: Metrics::new(),
+        token_key,
+        fingerprint: fingerprint.clone(),
+        started: Instant::now(),
+        disks: Mutex::new(BTreeMap::new()),
+        sessions: Mutex::new(HashMap::new()),
+        next_session: AtomicU64::new(1),
+        shutting_down: AtomicBool::new(false),
+        shutdown: shutdown_rx,
+    });
+    inner.load_known_disks()?;
+
+    let http_task = tokio::spawn(http::serve(http, inner.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_sock, inner.clone()));
+
+    tracing::info!(
+        %listen, %metrics_listen, data_dir = %dir.display(), %fingerprint,
+        "slipway server ready (agents pin this SHA-256 certificate fingerprint)"
+    );
+    ready(&Ready {
+        listen,
+        metrics_listen,
+        fingerprint,
+        tls_generated: generated,
+        data_dir: dir.clone(),
+    });
+
+    let mut sessions = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                sessions.spawn(session::run(inner.clone(), incoming));
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!("shutting down: draining connections");
+    inner.shutting_down.store(true, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("sessions did not finish within 20s; stopping anyway");
+    }
+    endpoint.close(session::CLOSE_DRAINING, b"server shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    http_task.abort();
+    admin_task.abort();
+    let _ = std::fs::remove_file(admin::socket_path(&dir));
+    Ok(())
+}

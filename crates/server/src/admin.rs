@@ -1,0 +1,131 @@
+//! The admin socket: `DATA_DIR/admin.sock`, mode 0600, one JSON request line in, one JSON
+//! response line out.
+//!
+//! A Unix socket rather than another TCP port: file permissions are the access control (only the
+//! service user or root can reach it), and the CLI finds the running server from the data dir it
+//! was given, without any address to configure.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::status::StatusReport;
+use crate::Inner;
+
+/// Requests the CLI can make.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+}
+
+/// Answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Status { status: StatusReport },
+    Error { message: String },
+}
+
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("no server is running on data dir {dir} (cannot reach {sock}: {source})")]
+    NotRunning {
+        dir: String,
+        sock: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the server on {sock}: {source}")]
+    Io {
+        sock: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the server sent an answer that is not understood: {0}")]
+    BadAnswer(String),
+    #[error("the server refused: {0}")]
+    Refused(String),
+}
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// Sends one request to the server running on `data_dir` (blocking; for the CLI).
+pub fn request(data_dir: &Path, req: &Request, timeout: Duration) -> Result<Response, AdminError> {
+    let sock = socket_path(data_dir);
+    let s = std::os::unix::net::UnixStream::connect(&sock).map_err(|source| AdminError::NotRunning {
+        dir: data_dir.display().to_string(),
+        sock: sock.display().to_string(),
+        source,
+    })?;
+    let io = |source| AdminError::Io {
+        sock: sock.display().to_string(),
+        source,
+    };
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(req).expect("requests serialize");
+    line.push('\n');
+    (&s).write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
+    let resp: Response =
+        serde_json::from_str(&answer).map_err(|e| AdminError::BadAnswer(e.to_string()))?;
+    if let Response::Error { message } = resp {
+        return Err(AdminError::Refused(message));
+    }
+    Ok(resp)
+}
+
+/// Binds the socket (replacing a stale one) with mode 0600.
+pub(crate) fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    let path = socket_path(data_dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub(crate) async fn serve(listener: UnixListener, inner: Arc<Inner>) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let _ = handle(sock, inner).await;
+        });
+    }
+}
+
+async fn handle(sock: UnixStream, inner: Arc<Inner>) -> std::io::Result<()> {
+    let (r, mut w) = sock.into_split();
+    let mut lines = tokio::io::BufReader::new(r).take(1 << 20).lines();
+    let Some(line) = lines.next_line().await? else {
+        return Ok(());
+    };
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => inner.admin(req).await,
+        Err(e) => Response::Error {
+            message: format!("bad request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_string(&resp).expect("responses serialize");
+    out.push('\n');
+    w.write_all(out.as_bytes()).await?;
+    w.shutdown().await
+}
+
+use tokio::io::AsyncReadExt as _;

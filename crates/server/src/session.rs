@@ -1,0 +1,807 @@
+//! One agent connection: handshake, control stream, one stream per disk, cleanup.
+//!
+//! Every frame from the peer is checked before it can touch a volume: the handshake authorises
+//! a source, a disk open names a disk of *that* source only (volumes live under the source's own
+//! directory, so there is no id to forge), and each write is checked against its disk's bounds,
+//! alignment, sequence and CRC. A refusal is answered with a typed error frame on the stream it
+//! concerns; nothing refused is written, and one bad stream never takes down the server or
+//! another agent.
+//!
+//! Tasks per connection: a control-frame reader (so no partially read frame is ever lost to a
+//! `select!`), the control loop, and per disk stream a reader and an ack writer. Acks come only
+//! from the applier's durable events through a `watch`, which also coalesces them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use slipway_net::{read_frame, write_frame, FrameIoError};
+use slipway_proto::handshake::ServerParams;
+use slipway_proto::{
+    features, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, ResumeKind, ServerHandshake,
+    NO_HANDLE,
+};
+use slipway_store::applier::ApplierConfig;
+use slipway_store::{Applier, ApplierEvent, ApplierHandle, DiskMeta, FileVolume, Op, Volume};
+use tokio::sync::{mpsc, oneshot, watch, OwnedMutexGuard, OwnedSemaphorePermit};
+
+use crate::{DiskSlot, Inner};
+
+/// Application close codes.
+pub const CLOSE_NORMAL: quinn::VarInt = quinn::VarInt::from_u32(0);
+pub const CLOSE_PROTOCOL: quinn::VarInt = quinn::VarInt::from_u32(1);
+pub const CLOSE_UNAUTHORIZED: quinn::VarInt = quinn::VarInt::from_u32(2);
+pub const CLOSE_SUPERSEDED: quinn::VarInt = quinn::VarInt::from_u32(3);
+pub const CLOSE_DRAINING: quinn::VarInt = quinn::VarInt::from_u32(4);
+
+/// Stream stop code sent when the server refuses a stream's frames.
+const STOP_REFUSED: quinn::VarInt = quinn::VarInt::from_u32(1);
+
+const CONTROL_MAX_BODY: u32 = 64 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Durable position and failure of a disk, as the ack writer sees it.
+#[derive(Debug, Clone, Default)]
+struct AckState {
+    durable: u64,
+    failed: Option<String>,
+}
+
+/// A disk opened by this connection.
+struct OpenDisk {
+    handle: u32,
+    slot: Arc<DiskSlot>,
+    size: u64,
+    block_size: u32,
+    /// Sequence durable when the disk was opened: writes must be above it.
+    start_seq: u64,
+    applier: Mutex<Option<Applier>>,
+    /// Cleared at cleanup to break the applier → events → handle cycle.
+    handle_cell: Arc<Mutex<Option<ApplierHandle>>>,
+    acks: watch::Receiver<AckState>,
+    queue: Arc<tokio::sync::Semaphore>,
+    latency: Arc<Mutex<VecDeque<(u64, Instant)>>>,
+    bound: AtomicBool,
+    lease: Mutex<Option<OwnedMutexGuard<()>>>,
+    received_bytes: prometheus::IntCounter,
+    received_writes: prometheus::IntCounter,
+}
+
+struct Conn {
+    inner: Arc<Inner>,
+    conn: quinn::Connection,
+    source: String,
+    agent_run: u64,
+    peer: SocketAddr,
+    disks: Mutex<HashMap<u32, Arc<OpenDisk>>>,
+    next_handle: AtomicU32,
+}
+
+/// Runs one connection to its end.
+pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
+    let peer = incoming.remote_address();
+    if inner.is_shutting_down() {
+        incoming.refuse();
+        return;
+    }
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            inner.metrics.connections.with_label_values(&["failed"]).inc();
+            tracing::debug!(%peer, error = %e, "QUIC handshake failed");
+            return;
+        }
+    };
+    let (mut ctl_send, mut ctl_recv) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                inner.metrics.connections.with_label_values(&["failed"]).inc();
+                conn.close(CLOSE_PROTOCOL, b"no control stream");
+                return;
+            }
+        };
+    let hello = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_frame(&mut ctl_recv, CONTROL_MAX_BODY),
+    )
+    .await
+    {
+        Ok(Ok(Some(f))) => f,
+        Ok(Err(FrameIoError::Decode(e))) => {
+            inner.metrics.reject(ErrorCode::from(&e).as_str());
+            inner.metrics.connections.with_label_values(&["refused"]).inc();
+            refuse(&conn, ctl_send, ErrorFrame::new(ErrorCode::from(&e), e.to_string()), CLOSE_PROTOCOL).await;
+            return;
+        }
+        _ => {
+            inner.metrics.connections.with_label_values(&["failed"]).inc();
+            conn.close(CLOSE_PROTOCOL, b"no hello");
+            return;
+        }
+    };
+    let mut hs = ServerHandshake::new(ServerParams {
+        features: if inner.settings.compression {
+            features::LZ4
+        } else {
+            0
+        },
+        heartbeat_ms: inner.settings.heartbeat.as_millis() as u32,
+        max_write: inner.settings.max_write,
+        server_version: format!("slipway {}", env!("CARGO_PKG_VERSION")),
+    });
+    let key = inner.token_key.clone();
+    let negotiated = match hs.on_frame(hello, |src, cred| key.verify(src, cred)) {
+        Ok((welcome, n)) => {
+            if write_frame(&mut ctl_send, &welcome).await.is_err() {
+                return;
+            }
+            n
+        }
+        Err((e, frame)) => {
+            let code = match &frame {
+                Frame::Error(f) => f.code,
+                _ => ErrorCode::Malformed,
+            };
+            inner.metrics.reject(match code {
+                ErrorCode::Unauthorized => "unauthorized",
+                ErrorCode::InvalidArgument => "invalid_argument",
+                _ => "malformed",
+            });
+            inner.metrics.connections.with_label_values(&["refused"]).inc();
+            // Never log the credential; the source id is validated or quoted by the error.
+            tracing::warn!(%peer, error = %e, "refused agent");
+            let close = if code == ErrorCode::Unauthorized {
+                CLOSE_UNAUTHORIZED
+            } else {
+                CLOSE_PROTOCOL
+            };
+            if let Frame::Error(f) = frame {
+                refuse(&conn, ctl_send, f, close).await;
+            }
+            return;
+        }
+    };
+    inner.metrics.connections.with_label_values(&["accepted"]).inc();
+    inner.metrics.agents_connected.inc();
+    let generation = inner.next_session.fetch_add(1, Ordering::Relaxed);
+    let previous = inner
+        .sessions
+        .lock()
+        .unwrap()
+        .insert(negotiated.source_id.clone(), (generation, conn.clone()));
+    if let Some((_, old)) = previous {
+        tracing::info!(source = %negotiated.source_id, "new connection supersedes the previous one");
+        old.close(CLOSE_SUPERSEDED, b"superseded by a newer connection of this source");
+    }
+    let span = tracing::info_span!("session", source = %negotiated.source_id, %peer);
+    let _e = span.enter();
+    tracing::info!(agent = %negotiated.peer_version, lz4 = negotiated.lz4(), "agent connected");
+    drop(_e);
+
+    let c = Arc::new(Conn {
+        inner: inner.clone(),
+        conn: conn.clone(),
+        source: negotiated.source_id.clone(),
+        agent_run: negotiated.agent_run,
+        peer,
+        disks: Mutex::new(HashMap::new()),
+        next_handle: AtomicU32::new(1),
+    });
+    let reason = control_loop(&c, ctl_send, ctl_recv).await;
+    tracing::info!(source = %c.source, %peer, reason = %reason, "agent disconnected");
+    cleanup(&c).await;
+    inner.metrics.agents_connected.dec();
+    let mut s = inner.sessions.lock().unwrap();
+    if s.get(&c.source).map(|(g, _)| *g) == Some(generation) {
+        s.remove(&c.source);
+    }
+}
+
+/// Sends an error frame, gives the peer a moment to read it, then closes.
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, e: ErrorFrame, code: quinn::VarInt) {
+    let reason = e.message.clone();
+    let _ = write_frame(&mut send, &Frame::Error(e)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(code, reason.as_bytes());
+}
+
+async fn control_loop(c: &Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> String {
+    // A dedicated reader: read_frame is not cancel-safe, a channel receive is.
+    let (ftx, mut frx) = mpsc::channel::<Result<Frame, FrameIoError>>(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut recv, CONTROL_MAX_BODY).await;
+            let stop = !matches!(r, Ok(Some(_)));
+            let item = match r {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => Err(FrameIoError::UnexpectedEnd),
+                Err(e) => Err(e),
+            };
+            if ftx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let mut shutdown = c.inner.shutdown.clone();
+    let mut streams = tokio::task::JoinSet::new();
+    let reason = loop {
+        tokio::select! {
+            f = frx.recv() => {
+                let frame = match f {
+                    Some(Ok(f)) => f,
+                    Some(Err(FrameIoError::Decode(e))) => {
+                        c.inner.metrics.reject(ErrorCode::from(&e).as_str());
+                        let _ = write_frame(&mut send, &Frame::Error(ErrorFrame::new(ErrorCode::from(&e), e.to_string()))).await;
+                        c.conn.close(CLOSE_PROTOCOL, b"malformed control frame");
+                        break format!("malformed control frame: {e}");
+                    }
+                    Some(Err(e)) => break format!("control stream ended: {e}"),
+                    None => break "control stream ended".to_string(),
+                };
+                match on_control(c, frame).await {
+                    Ok(Some(reply)) => {
+                        if write_frame(&mut send, &reply).await.is_err() {
+                            break "control stream write failed".into();
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let msg = e.message.clone();
+                        let _ = write_frame(&mut send, &Frame::Error(e)).await;
+                        c.conn.close(CLOSE_PROTOCOL, msg.as_bytes());
+                        break msg;
+                    }
+                }
+            }
+            s = c.conn.accept_bi() => match s {
+                Ok((s, r)) => { streams.spawn(disk_stream(c.clone(), s, r)); }
+                Err(e) => break format!("{e}"),
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            _ = shutdown.changed() => {
+                let _ = write_frame(&mut send, &Frame::Error(ErrorFrame::new(ErrorCode::Draining, "server shutting down; reconnect later"))).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                c.conn.close(CLOSE_DRAINING, b"server shutting down");
+                break "server shutting down".into();
+            }
+        }
+    };
+    reader.abort();
+    c.conn.close(CLOSE_NORMAL, b"");
+    while streams.join_next().await.is_some() {}
+    reason
+}
+
+/// Handles one control frame. `Ok(Some)` is the reply; `Err` closes the connection.
+async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorFrame> {
+    match frame {
+        Frame::DiskOpen(d) => Ok(Some(match open_disk(c, d).await {
+            Ok(o) => Frame::DiskOpened(o),
+            Err(e) => {
+                c.inner.metrics.reject(reject_label(e.code));
+                Frame::Error(e)
+            }
+        })),
+        Frame::Progress(p) => {
+            let disk = c.disks.lock().unwrap().get(&p.handle).cloned();
+            match disk {
+                Some(d) => {
+                    let completed_meta = {
+                        let mut st = d.slot.status.lock().unwrap();
+                        let was = st.synced;
+                        st.on_progress(p.phase, p.backlog_bytes, p.pass_seq, Instant::now());
+                        (!was && st.synced).then_some(st.pass_seq)
+                    };
+                    if let Some(pass_seq) = completed_meta {
+                        persist_synced(&d, pass_seq).await;
+                    }
+                    Ok(None)
+                }
+                None => {
+                    c.inner.metrics.reject("unknown_disk");
+                    Ok(Some(Frame::Error(ErrorFrame::for_disk(
+                        ErrorCode::UnknownDisk,
+                        p.handle,
+                        format!("progress for handle {} which this connection did not open", p.handle),
+                    ))))
+                }
+            }
+        }
+        Frame::Heartbeat(_) => Ok(None),
+        other => {
+            c.inner.metrics.reject("malformed");
+            Err(ErrorFrame::new(
+                ErrorCode::Malformed,
+                format!("{:?} is not allowed on the control stream", other.frame_type()),
+            ))
+        }
+    }
+}
+
+fn reject_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::DiskMismatch => "disk_mismatch",
+        ErrorCode::Limit => "limit",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::TooLarge => "too_large",
+        ErrorCode::BadChecksum => "bad_checksum",
+        ErrorCode::OutOfBounds => "out_of_bounds",
+        ErrorCode::Misaligned => "misaligned",
+        ErrorCode::UnknownDisk => "unknown_disk",
+        ErrorCode::BadSequence => "bad_sequence",
+        ErrorCode::InvalidArgument => "invalid_argument",
+        _ => "malformed",
+    }
+}
+
+async fn persist_synced(d: &Arc<OpenDisk>, pass_seq: u64) {
+    let h = d.handle_cell.lock().unwrap().clone();
+    if let Some(h) = h {
+        let _ = tokio::task::spawn_blocking(move || {
+            h.update_meta(|m| {
+                m.synced = true;
+                m.pass_seq = pass_seq;
+            })
+        })
+        .await;
+    }
+}
+
+async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame> {
+    let inner = &c.inner;
+    let invalid = |m: String| ErrorFrame::new(ErrorCode::InvalidArgument, m);
+    if !slipway_proto::valid_id(&d.disk_id) {
+        return Err(invalid(format!(
+            "disk id {:?} is not valid (1-128 of A-Z a-z 0-9 . _ -)",
+            d.disk_id
+        )));
+    }
+    if !d.block_size.is_power_of_two() || !(512..=65536).contains(&d.block_size) {
+        return Err(invalid(format!(
+            "block size {} is not a power of two in 512..=65536",
+            d.block_size
+        )));
+    }
+    if d.size == 0 || d.size % d.block_size as u64 != 0 {
+        return Err(invalid(format!(
+            "disk size {} is not a positive multiple of the block size {}",
+            d.size, d.block_size
+        )));
+    }
+    {
+        let disks = c.disks.lock().unwrap();
+        if disks.len() >= inner.settings.max_disks_per_connection as usize {
+            return Err(ErrorFrame::new(
+                ErrorCode::Limit,
+                format!(
+                    "a connection may open at most {} disks",
+                    inner.settings.max_disks_per_connection
+                ),
+            ));
+        }
+        if disks.values().any(|o| o.slot.disk == d.disk_id) {
+            return Err(invalid(format!("disk {} is already open", d.disk_id)));
+        }
+    }
+    let slot = inner.slot(&c.source, &d.disk_id, d.size, d.block_size);
+    let lease = tokio::time::timeout(LEASE_TIMEOUT, slot.lease.clone().lock_owned())
+        .await
+        .map_err(|_| {
+            ErrorFrame::new(
+                ErrorCode::Limit,
+                format!("disk {} is still held by a previous connection", d.disk_id),
+            )
+        })?;
+
+    let vol_path = inner.volume_path(&c.source, &d.disk_id);
+    let meta_path = inner.meta_path(&c.source, &d.disk_id);
+    let (source, run) = (c.source.clone(), c.agent_run);
+    let dd = d.clone();
+    let mp = meta_path.clone();
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, ErrorFrame> {
+        let internal = |e: slipway_store::StoreError| {
+            ErrorFrame::new(ErrorCode::DiskError, format!("opening disk {}: {e}", dd.disk_id))
+        };
+        let existing = DiskMeta::load(&mp).map_err(internal)?;
+        if let Some(m) = &existing {
+            if m.size != dd.size || m.block_size != dd.block_size {
+                return Err(ErrorFrame::new(
+                    ErrorCode::DiskMismatch,
+                    format!(
+                        "disk {} exists with {} bytes and block size {}, not {} and {}",
+                        dd.disk_id, m.size, m.block_size, dd.size, dd.block_size
+                    ),
+                ));
+            }
+        }
+        let (vol, created) = FileVolume::open_or_create(&vol_path, dd.size).map_err(internal)?;
+        let (resume, mut meta) = match existing {
+            Some(m) if !created && m.agent_run == run => (ResumeKind::Resume, m),
+            Some(m) if !created => (ResumeKind::Resync, m),
+            _ if created => (ResumeKind::Fresh, DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size)),
+            _ => (ResumeKind::Resync, DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size)),
+        };
+        if resume != ResumeKind::Resume {
+            // A new agent run: its sequence numbers start over, and until its first pass is
+            // durable the volume is not a whole copy.
+            meta.agent_run = run;
+            meta.durable_seq = 0;
+            meta.pass_seq = 0;
+            meta.synced = false;
+            meta.replicated_bytes = 0;
+            meta.state = "initiating".into();
+            meta.store(&mp).map_err(internal)?;
+        }
+        Ok((vol, meta, resume))
+    })
+    .await
+    .map_err(|e| ErrorFrame::new(ErrorCode::Internal, format!("opening disk: {e}")))??;
+    let (vol, meta, resume) = opened;
+    let durable = meta.durable_seq;
+
+    let handle = c.next_handle.fetch_add(1, Ordering::Relaxed);
+    let labels = [c.source.as_str(), d.disk_id.as_str()];
+    let m = &inner.metrics;
+    let (ack_tx, ack_rx) = watch::channel(AckState {
+        durable,
+        failed: None,
+    });
+    let handle_cell: Arc<Mutex<Option<ApplierHandle>>> = Arc::new(Mutex::new(None));
+    let latency = Arc::new(Mutex::new(VecDeque::new()));
+    let events = {
+        let slot = slot.clone();
+        let cell = handle_cell.clone();
+        let latency = latency.clone();
+        let fdatasyncs = m.fdatasyncs.clone();
+        let flush_seconds = m.flush_seconds.clone();
+        let ack_latency = m.ack_latency.clone();
+        let durable_bytes = m.durable_bytes.with_label_values(&labels);
+        let disk_errors = m.disk_errors.with_label_values(&labels);
+        let (src, disk) = (c.source.clone(), d.disk_id.clone());
+        move |ev: ApplierEvent| match ev {
+            ApplierEvent::Durable {
+                seq,
+                writes,
+                bytes,
+                flush,
+            } => {
+                if writes > 0 {
+                    fdatasyncs.inc();
+                    flush_seconds.observe(flush.as_secs_f64());
+                }
+                durable_bytes.inc_by(bytes);
+                let now = Instant::now();
+                let completed = slot.status.lock().unwrap().on_durable(seq, bytes, now);
+                if completed {
+                    let pass_seq = seq;
+                    if let Some(h) = cell.lock().unwrap().clone() {
+                        if let Err(e) = h.update_meta(|m| {
+                            m.synced = true;
+                            m.pass_seq = pass_seq;
+                        }) {
+                            tracing::warn!(source = %src, disk = %disk, error = %e, "recording the completed pass failed");
+                        }
+                    }
+                }
+                ack_tx.send_modify(|a| a.durable = seq);
+                let mut q = latency.lock().unwrap();
+                while let Some(&(s, t)) = q.front() {
+                    if s > seq {
+                        break;
+                    }
+                    ack_latency.observe(now.duration_since(t).as_secs_f64());
+                    q.pop_front();
+                }
+            }
+            ApplierEvent::MarkerReached { marker_id, .. } => {
+                // No snapshot coordinator yet: let the writer continue at once.
+                if let Some(h) = cell.lock().unwrap().clone() {
+                    h.release_marker(marker_id);
+                }
+            }
+            ApplierEvent::Failed { seq, error, .. } => {
+                disk_errors.inc();
+                tracing::error!(source = %src, disk = %disk, seq, %error, "volume failed; disk is in the error state");
+                slot.status.lock().unwrap().error = Some(format!("volume failed at seq {seq}: {error}"));
+                ack_tx.send_modify(|a| a.failed = Some(error.clone()));
+            }
+        }
+    };
+    let vol: Arc<dyn Volume> = Arc::new(vol);
+    let applier = Applier::start(vol, meta.clone(), meta_path, ApplierConfig::default(), events);
+    *handle_cell.lock().unwrap() = Some(applier.handle());
+    {
+        let mut st = slot.status.lock().unwrap();
+        let now = Instant::now();
+        st.size = d.size;
+        st.block_size = d.block_size;
+        st.connected = true;
+        st.peer = Some(c.peer.to_string());
+        st.phase = None;
+        st.error = None;
+        st.creating_snapshot = false;
+        st.durable_seq = durable;
+        st.synced = meta.synced;
+        st.pass_seq = meta.pass_seq;
+        st.replicated_bytes = meta.replicated_bytes;
+        st.last_activity = now;
+        st.since = now;
+        if resume != ResumeKind::Resume {
+            st.rescanned_bytes = 0;
+            st.backlogged_bytes = 0;
+        }
+    }
+    let od = Arc::new(OpenDisk {
+        handle,
+        slot,
+        size: d.size,
+        block_size: d.block_size,
+        start_seq: durable,
+        applier: Mutex::new(Some(applier)),
+        handle_cell,
+        acks: ack_rx,
+        queue: Arc::new(tokio::sync::Semaphore::new(inner.settings.disk_queue_bytes as usize)),
+        latency,
+        bound: AtomicBool::new(false),
+        lease: Mutex::new(Some(lease)),
+        received_bytes: m.received_bytes.with_label_values(&labels),
+        received_writes: m.received_writes.with_label_values(&labels),
+    });
+    c.disks.lock().unwrap().insert(handle, od);
+    tracing::info!(source = %c.source, disk = %d.disk_id, handle, ?resume, durable_seq = durable, "disk opened");
+    Ok(DiskOpened {
+        request_id: d.request_id,
+        handle,
+        resume,
+        durable_seq: durable,
+    })
+}
+
+/// Back-pressure permits for one queued write; released when the bytes reach the volume.
+struct QueueGuard {
+    _disk: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+    bytes: i64,
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        self.gauge.sub(self.bytes);
+    }
+}
+
+async fn disk_stream(c: Arc<Conn>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut recv, 64)).await;
+    let handle = match first {
+        Ok(Ok(Some(Frame::StreamBind(b)))) => b.handle,
+        Ok(Ok(None)) | Ok(Err(FrameIoError::Read(_))) => return,
+        _ => {
+            c.inner.metrics.reject("malformed");
+            stream_refuse(send, recv, ErrorFrame::new(ErrorCode::Malformed, "a disk stream must start with StreamBind")).await;
+            return;
+        }
+    };
+    let disk = c.disks.lock().unwrap().get(&handle).cloned();
+    let Some(disk) = disk else {
+        c.inner.metrics.reject("unknown_disk");
+        stream_refuse(
+            send,
+            recv,
+            ErrorFrame::for_disk(ErrorCode::UnknownDisk, handle, format!("handle {handle} was not opened by this connection")),
+        )
+        .await;
+        return;
+    };
+    if disk.bound.swap(true, Ordering::SeqCst) {
+        c.inner.metrics.reject("malformed");
+        stream_refuse(send, recv, ErrorFrame::for_disk(ErrorCode::Malformed, handle, "this disk already has a stream")).await;
+        return;
+    }
+    let (err_tx, err_rx) = oneshot::channel();
+    let writer = tokio::spawn(ack_writer(send, disk.acks.clone(), err_rx, handle));
+    let result = receive_writes(&c, &disk, &mut recv).await;
+    if let Err(e) = result {
+        if e.code != ErrorCode::DiskError {
+            c.inner.metrics.reject(reject_label(e.code));
+        }
+        tracing::warn!(source = %c.source, disk = %disk.slot.disk, code = e.code.as_str(), error = %e.message, "refusing disk stream");
+        let _ = recv.stop(STOP_REFUSED);
+        let _ = err_tx.send(e);
+    } else {
+        drop(err_tx);
+    }
+    let _ = writer.await;
+}
+
+async fn stream_refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream, e: ErrorFrame) {
+    let _ = recv.stop(STOP_REFUSED);
+    let _ = write_frame(&mut send, &Frame::Error(e)).await;
+    let _ = send.finish();
+}
+
+/// Reads, validates and queues frames until the stream ends (`Ok`) or a frame is refused.
+async fn receive_writes(c: &Arc<Conn>, disk: &Arc<OpenDisk>, recv: &mut quinn::RecvStream) -> Result<(), ErrorFrame> {
+    let inner = &c.inner;
+    let h = disk.handle;
+    let mut last_seq = disk.start_seq;
+    let max_body = slipway_proto::MAX_BODY_LEN;
+    loop {
+        let frame = match read_frame(recv, max_body).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(FrameIoError::Decode(e)) => return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string())),
+            Err(_) => return Ok(()), // connection or stream gone: nothing to answer
+        };
+        if let Some(err) = &disk.acks.borrow().failed {
+            return Err(ErrorFrame::for_disk(ErrorCode::DiskError, h, format!("disk is in the error state: {err}")));
+        }
+        let (seq, handle) = match &frame {
+            Frame::Write(w) => (w.seq, w.handle),
+            Frame::WriteZeroes(z) => (z.seq, z.handle),
+            Frame::Marker(m) => (m.seq, m.handle),
+            other => {
+                return Err(ErrorFrame::for_disk(
+                    ErrorCode::Malformed,
+                    h,
+                    format!("{:?} is not allowed on a disk stream", other.frame_type()),
+                ))
+            }
+        };
+        if handle != h {
+            return Err(ErrorFrame::for_disk(ErrorCode::UnknownDisk, h, format!("frame names handle {handle} on the stream of handle {h}")));
+        }
+        if seq <= last_seq {
+            return Err(ErrorFrame::for_disk(ErrorCode::BadSequence, h, format!("sequence {seq} is not above {last_seq}")));
+        }
+        let (offset, len) = match &frame {
+            Frame::Write(w) => (w.offset, w.data.len() as u64),
+            Frame::WriteZeroes(z) => (z.offset, z.len),
+            _ => (0, 0),
+        };
+        if !matches!(frame, Frame::Marker(_)) {
+            check_range(disk, offset, len)?;
+            if let Frame::Write(w) = &frame {
+                if w.data.len() as u32 > inner.settings.max_write {
+                    return Err(ErrorFrame::for_disk(
+                        ErrorCode::TooLarge,
+                        h,
+                        format!("write of {} bytes exceeds max_write {}", w.data.len(), inner.settings.max_write),
+                    ));
+                }
+            }
+        }
+        if let Some(t) = &inner.throttle {
+            let wire = len.min(slipway_proto::MAX_BODY_LEN as u64) + 36;
+            let waited = t.take(if matches!(frame, Frame::Write(_)) { wire } else { 36 }).await;
+            inner.metrics.throttle_wait_seconds.inc_by(waited.as_secs_f64());
+        }
+        last_seq = seq;
+        let op = match frame {
+            Frame::Write(w) => {
+                let n = w.data.len() as u32;
+                let gd = disk.queue.clone().acquire_many_owned(n).await.expect("never closed");
+                let gg = inner.memory.clone().acquire_many_owned(n).await.expect("never closed");
+                inner.metrics.queued_bytes.add(n as i64);
+                disk.received_bytes.inc_by(n as u64);
+                disk.received_writes.inc();
+                disk.latency.lock().unwrap().push_back((seq, Instant::now()));
+                Op::Write {
+                    seq,
+                    offset: w.offset,
+                    data: w.data,
+                    guard: Some(Box::new(QueueGuard {
+                        _disk: gd,
+                        _global: gg,
+                        gauge: inner.metrics.queued_bytes.clone(),
+                        bytes: n as i64,
+                    })),
+                }
+            }
+            Frame::WriteZeroes(z) => {
+                disk.received_writes.inc();
+                disk.latency.lock().unwrap().push_back((seq, Instant::now()));
+                Op::Zeroes { seq, offset: z.offset, len: z.len }
+            }
+            Frame::Marker(m) => Op::Marker { seq, marker_id: m.marker_id },
+            _ => unreachable!("filtered above"),
+        };
+        let submitted = match disk.applier.lock().unwrap().as_ref() {
+            Some(a) => a.submit(op).is_ok(),
+            None => false,
+        };
+        if !submitted {
+            return Err(ErrorFrame::for_disk(ErrorCode::DiskError, h, "disk is closing"));
+        }
+    }
+}
+
+fn check_range(disk: &OpenDisk, offset: u64, len: u64) -> Result<(), ErrorFrame> {
+    let h = disk.handle;
+    let bs = disk.block_size as u64;
+    if len == 0 || offset % bs != 0 || len % bs != 0 {
+        return Err(ErrorFrame::for_disk(
+            ErrorCode::Misaligned,
+            h,
+            format!("write of {len} bytes at {offset} is not a non-empty multiple of the block size {bs}"),
+        ));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= disk.size => Ok(()),
+        _ => Err(ErrorFrame::for_disk(
+            ErrorCode::OutOfBounds,
+            h,
+            format!("write of {len} bytes at {offset} ends past the disk's {} bytes", disk.size),
+        )),
+    }
+}
+
+/// Sends cumulative acks as the durable position moves; sends the refusal if the reader hit one.
+async fn ack_writer(
+    mut send: quinn::SendStream,
+    mut acks: watch::Receiver<AckState>,
+    mut refused: oneshot::Receiver<ErrorFrame>,
+    handle: u32,
+) {
+    let mut sent = acks.borrow().durable;
+    let mut refused_open = true;
+    loop {
+        tokio::select! {
+            r = acks.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                let st = acks.borrow_and_update().clone();
+                if st.durable > sent {
+                    sent = st.durable;
+                    if write_frame(&mut send, &Frame::Ack(slipway_proto::Ack { handle, seq: sent })).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(err) = st.failed {
+                    let _ = write_frame(&mut send, &Frame::Error(ErrorFrame::for_disk(ErrorCode::DiskError, handle, format!("volume failed: {err}")))).await;
+                    break;
+                }
+            }
+            e = &mut refused, if refused_open => {
+                refused_open = false;
+                if let Ok(e) = e {
+                    let _ = write_frame(&mut send, &Frame::Error(e)).await;
+                    break;
+                }
+            }
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Closes every disk of the connection: final flush and metadata, then releases the leases.
+async fn cleanup(c: &Arc<Conn>) {
+    let disks: Vec<_> = c.disks.lock().unwrap().drain().map(|(_, d)| d).collect();
+    for d in disks {
+        let applier = d.applier.lock().unwrap().take();
+        if let Some(a) = applier {
+            let r = tokio::task::spawn_blocking(move || a.close()).await;
+            match r {
+                Ok(Ok(meta)) => tracing::debug!(disk = %d.slot.disk, durable_seq = meta.durable_seq, "disk closed"),
+                Ok(Err(e)) => tracing::warn!(disk = %d.slot.disk, error = %e, "closing disk"),
+                Err(e) => tracing::warn!(disk = %d.slot.disk, error = %e, "closing disk"),
+            }
+        }
+        d.handle_cell.lock().unwrap().take();
+        {
+            let mut st = d.slot.status.lock().unwrap();
+            st.connected = false;
+            st.creating_snapshot = false;
+            st.phase = None;
+        }
+        d.lease.lock().unwrap().take();
+    }
+    let _ = NO_HANDLE;
+}

@@ -1,0 +1,464 @@
+//! Server settings: one TOML file, parsed in two phases.
+//!
+//! Phase one deserializes into `Raw*` structs that mirror the file exactly
+//! (`deny_unknown_fields`, every field defaulted), so a typo is caught with its key path.
+//! Phase two validates into [`Settings`] with typed values (addresses, durations, sizes), each
+//! error naming the file, the key and the reason — the operator should never have to guess
+//! which line is wrong. Command-line flags override the file after phase one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use slipway_net::{Congestion, Tuning};
+use thiserror::Error;
+
+/// A settings file that cannot be used.
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    /// The file could not be read.
+    #[error("settings file {file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a key has the wrong type or is unknown.
+    #[error("settings file {file}: key `{key}`: {reason}")]
+    Parse {
+        file: String,
+        key: String,
+        reason: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("settings file {file}: key `{key}`: {reason}")]
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSettings {
+    pub data_dir: Option<String>,
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub log_format: Option<String>,
+    pub tls: RawTls,
+    pub replication: RawReplication,
+    pub quic: RawQuic,
+    pub pit: slipway_pit::RawPitSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub names: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReplication {
+    pub bandwidth_mbps: Option<u64>,
+    pub compression: Option<bool>,
+    pub heartbeat: Option<String>,
+    pub max_write: Option<String>,
+    pub disk_queue: Option<String>,
+    pub memory_limit: Option<String>,
+    pub stall_after: Option<String>,
+    pub max_disks_per_connection: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawQuic {
+    pub max_udp_payload: Option<u16>,
+    pub initial_mtu: Option<u16>,
+    pub congestion: Option<String>,
+    pub stream_window: Option<String>,
+    pub connection_window: Option<String>,
+    pub send_window: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub keep_alive: Option<String>,
+    pub socket_buffer: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub log_format: LogFormat,
+    /// Certificate and key; `None` means generate under `data_dir/tls`.
+    pub tls_cert: Option<(PathBuf, PathBuf)>,
+    pub tls_names: Vec<String>,
+    /// Server-wide receive throttle in bytes per second (0 = unthrottled).
+    pub bandwidth_bytes_per_sec: u64,
+    pub compression: bool,
+    pub heartbeat: Duration,
+    pub max_write: u32,
+    pub disk_queue_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub stall_after: Duration,
+    pub max_disks_per_connection: u32,
+    pub tuning: Tuning,
+    pub pit: slipway_pit::PitPolicy,
+}
+
+/// Command-line overrides (flags beat the file).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+}
+
+impl Settings {
+    /// Defaults of the embedded local mode.
+    pub fn local_default() -> Self {
+        Self::validate(RawSettings::default(), "<defaults>").expect("defaults are valid")
+    }
+
+    /// Reads `file` (or the defaults when `None`), applies `over`, validates.
+    pub fn load(file: Option<&Path>, over: &Overrides) -> Result<Self, SettingsError> {
+        let (mut raw, name) = match file {
+            Some(p) => {
+                let name = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|source| SettingsError::Read {
+                    file: name.clone(),
+                    source,
+                })?;
+                (Self::parse(&text, &name)?, name)
+            }
+            None => (RawSettings::default(), "<defaults>".to_string()),
+        };
+        if let Some(d) = &over.data_dir {
+            raw.data_dir = Some(d.display().to_string());
+        }
+        if let Some(l) = &over.listen {
+            raw.listen = Some(l.clone());
+        }
+        if let Some(l) = &over.metrics_listen {
+            raw.metrics_listen = Some(l.clone());
+        }
+        Self::validate(raw, &name)
+    }
+
+    /// Phase one: TOML into the raw structs, errors with the key path.
+    pub fn parse(text: &str, file: &str) -> Result<RawSettings, SettingsError> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            SettingsError::Parse {
+                file: file.to_string(),
+                key: if key == "." { "(top level)".into() } else { key },
+                reason: inner.message().trim().to_string(),
+            }
+        })
+    }
+
+    /// Phase two: typed, checked values.
+    pub fn validate(raw: RawSettings, file: &str) -> Result<Self, SettingsError> {
+        let bad = |key: &str, reason: String| SettingsError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        let addr = |key: &str, v: Option<&String>, default: &str| -> Result<SocketAddr, _> {
+            let s = v.map(String::as_str).unwrap_or(default);
+            s.parse()
+                .map_err(|_| bad(key, format!("{s:?} is not an address like 127.0.0.1:1500")))
+        };
+        let dur = |key: &str, v: Option<&String>, default: &str| -> Result<Duration, _> {
+            let s = v.map(String::as_str).unwrap_or(default);
+            humantime::parse_duration(s)
+                .map_err(|e| bad(key, format!("{s:?} is not a duration like \"10s\": {e}")))
+        };
+        let size = |key: &str, v: Option<&String>, default: &str| -> Result<u64, _> {
+            let s = v.map(String::as_str).unwrap_or(default);
+            parse_size(s).map_err(|e| bad(key, e))
+        };
+
+        let data_dir = PathBuf::from(raw.data_dir.as_deref().unwrap_or("./var"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty".into()));
+        }
+        let listen = addr("listen", raw.listen.as_ref(), "127.0.0.1:1500")?;
+        let metrics_listen = addr("metrics_listen", raw.metrics_listen.as_ref(), "127.0.0.1:9500")?;
+        let log_format = match raw.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            o => return Err(bad("log_format", format!("{o:?} is not one of text, json"))),
+        };
+        let tls_cert = match (&raw.tls.cert, &raw.tls.key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+            (Some(_), None) => return Err(bad("tls.key", "is required when tls.cert is set".into())),
+            (None, Some(_)) => return Err(bad("tls.cert", "is required when tls.key is set".into())),
+        };
+        let tls_names = raw
+            .tls
+            .names
+            .clone()
+            .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]);
+        if tls_names.is_empty() {
+            return Err(bad("tls.names", "needs at least one name".into()));
+        }
+
+        let r = &raw.replication;
+        let mbps = r.bandwidth_mbps.unwrap_or(0);
+        if mbps > 1_000_000 {
+            return Err(bad(
+                "replication.bandwidth_mbps",
+                format!("{mbps} Mbit/s is more than 1 Tbit/s; use 0 for unthrottled"),
+            ));
+        }
+        let max_write = size("replication.max_write", r.max_write.as_ref(), "4MiB")?;
+        if max_write < 4096 || max_write > slipway_proto::MAX_WRITE_LEN as u64 {
+            return Err(bad(
+                "replication.max_write",
+                format!("{max_write} is outside 4KiB..=4MiB"),
+            ));
+        }
+        let disk_queue = size("replication.disk_queue", r.disk_queue.as_ref(), "32MiB")?;
+        if disk_queue < max_write {
+            return Err(bad(
+                "replication.disk_queue",
+                format!("{disk_queue} bytes cannot hold one write of max_write ({max_write})"),
+            ));
+        }
+        let memory_limit = size("replication.memory_limit", r.memory_limit.as_ref(), "256MiB")?;
+        if memory_limit < disk_queue {
+            return Err(bad(
+                "replication.memory_limit",
+                format!("{memory_limit} bytes is less than one disk_queue ({disk_queue})"),
+            ));
+        }
+        let heartbeat = dur("replication.heartbeat", r.heartbeat.as_ref(), "5s")?;
+        if heartbeat < Duration::from_millis(100) || heartbeat > Duration::from_secs(600) {
+            return Err(bad("replication.heartbeat", "must be between 100ms and 10m".into()));
+        }
+        let stall_after = dur("replication.stall_after", r.stall_after.as_ref(), "60s")?;
+        let max_disks = r.max_disks_per_connection.unwrap_or(64);
+        if max_disks == 0 || max_disks > 1024 {
+            return Err(bad(
+                "replication.max_disks_per_connection",
+                format!("{max_disks} is outside 1..=1024"),
+            ));
+        }
+
+        let q = &raw.quic;
+        let d = Tuning::default();
+        let max_udp_payload = q.max_udp_payload.unwrap_or(d.max_udp_payload);
+        if !(1200..=9000).contains(&max_udp_payload) {
+            return Err(bad(
+                "quic.max_udp_payload",
+                format!("{max_udp_payload} is outside 1200..=9000"),
+            ));
+        }
+        let initial_mtu = q.initial_mtu.unwrap_or(d.initial_mtu);
+        if initial_mtu < 1200 || initial_mtu > max_udp_payload {
+            return Err(bad(
+                "quic.initial_mtu",
+                format!("{initial_mtu} is outside 1200..=max_udp_payload ({max_udp_payload})"),
+            ));
+        }
+        let congestion: Congestion = q
+            .congestion
+            .as_deref()
+            .unwrap_or("cubic")
+            .parse()
+            .map_err(|e| bad("quic.congestion", e))?;
+        let idle_timeout = dur("quic.idle_timeout", q.idle_timeout.as_ref(), "30s")?;
+        let keep_alive = dur("quic.keep_alive", q.keep_alive.as_ref(), "5s")?;
+        if keep_alive >= idle_timeout {
+            return Err(bad(
+                "quic.keep_alive",
+                "must be shorter than quic.idle_timeout".into(),
+            ));
+        }
+        let tuning = Tuning {
+            max_udp_payload,
+            initial_mtu,
+            congestion,
+            stream_window: size("quic.stream_window", q.stream_window.as_ref(), "16MiB")?,
+            connection_window: size(
+                "quic.connection_window",
+                q.connection_window.as_ref(),
+                "32MiB",
+            )?,
+            send_window: size("quic.send_window", q.send_window.as_ref(), "8MiB")?,
+            idle_timeout,
+            keep_alive,
+            socket_buffer: size("quic.socket_buffer", q.socket_buffer.as_ref(), "16MiB")? as usize,
+            max_streams: max_disks + 1,
+        };
+
+        let pit = slipway_pit::PitPolicy::from_raw(&raw.pit)
+            .map_err(|e| bad("pit", e.to_string()))?;
+
+        Ok(Settings {
+            data_dir,
+            listen,
+            metrics_listen,
+            log_format,
+            tls_cert,
+            tls_names,
+            bandwidth_bytes_per_sec: mbps * 1_000_000 / 8,
+            compression: r.compression.unwrap_or(true),
+            heartbeat,
+            max_write: max_write as u32,
+            disk_queue_bytes: disk_queue,
+            memory_limit_bytes: memory_limit,
+            stall_after,
+            max_disks_per_connection: max_disks,
+            tuning,
+            pit,
+        })
+    }
+}
+
+/// Parses sizes like `4096`, `64KiB`, `16MiB`, `1GiB` (binary) or `10MB` (decimal).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"16MiB\""))?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => return Err(format!("{s:?} has an unknown unit {u:?} (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, SettingsError> {
+        let raw = Settings::parse(text, "/etc/slipway/slipway.toml")?;
+        Settings::validate(raw, "/etc/slipway/slipway.toml")
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Settings::local_default();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:1500");
+        assert_eq!(s.metrics_listen.to_string(), "127.0.0.1:9500");
+        assert_eq!(s.data_dir, PathBuf::from("./var"));
+        assert_eq!(s.bandwidth_bytes_per_sec, 0);
+        assert!(s.compression);
+    }
+
+    #[test]
+    fn full_file() {
+        let s = load(
+            r#"
+            data_dir = "/var/lib/slipway"
+            listen = "0.0.0.0:1500"
+            [replication]
+            bandwidth_mbps = 100
+            compression = false
+            [quic]
+            congestion = "bbr"
+            stream_window = "8MiB"
+            [pit]
+            tiers = [ { every = "2s", keep = 3 } ]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.bandwidth_bytes_per_sec, 12_500_000);
+        assert_eq!(s.tuning.congestion, Congestion::Bbr);
+        assert_eq!(s.tuning.stream_window, 8 << 20);
+        assert!(!s.compression);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = load("[replication]\nbandwith_mbps = 3\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/slipway/slipway.toml"), "{e}");
+        assert!(e.contains("bandwith_mbps"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+
+        let e = load("[replication]\nbandwidth_mbps = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replication.bandwidth_mbps"), "{e}");
+
+        let e = load("[quic]\ncongestion = \"vegas\"\n").unwrap_err().to_string();
+        assert!(e.contains("key `quic.congestion`"), "{e}");
+        assert!(e.contains("vegas"), "{e}");
+
+        let e = load("listen = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(e.contains("key `listen`"), "{e}");
+
+        let e = load("[replication]\nheartbeat = \"soon\"\n").unwrap_err().to_string();
+        assert!(e.contains("replication.heartbeat") && e.contains("duration"), "{e}");
+
+        let e = load("[quic]\nmax_udp_payload = 100\n").unwrap_err().to_string();
+        assert!(e.contains("quic.max_udp_payload"), "{e}");
+
+        let e = load("[tls]\ncert = \"/x.pem\"\n").unwrap_err().to_string();
+        assert!(e.contains("tls.key"), "{e}");
+
+        let e = load("[pit]\ntiers = []\n").unwrap_err().to_string();
+        assert!(e.contains("key `pit`"), "{e}");
+
+        let e = load("this is not toml").unwrap_err().to_string();
+        assert!(e.contains("/etc/slipway/slipway.toml"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("s.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:1\"\n").unwrap();
+        let s = Settings::load(
+            Some(&f),
+            &Overrides {
+                listen: Some("127.0.0.1:2".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.listen.port(), 2);
+        let e = Settings::load(Some(&d.path().join("missing.toml")), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+}
