@@ -356,6 +356,12 @@ impl Metrics {
             },
             registry: r,
         };
+        // Process CPU, memory and file descriptors (Linux /proc), for capacity planning.
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+        .expect("process collector registers once");
         for reason in REJECT_REASONS {
             m.rejected.with_label_values(&[reason]);
         }
