@@ -129,8 +129,18 @@ impl Tuning {
         if addr.is_ipv6() {
             s.set_only_v6(false).ok();
         }
-        set_buffer(&s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, self.socket_buffer);
-        set_buffer(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, self.socket_buffer);
+        set_buffer(
+            &s,
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            self.socket_buffer,
+        );
+        set_buffer(
+            &s,
+            libc::SO_SNDBUFFORCE,
+            libc::SO_SNDBUF,
+            self.socket_buffer,
+        );
         s.bind(&addr.into())?;
         Ok(s.into())
     }

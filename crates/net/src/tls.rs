@@ -163,7 +163,10 @@ pub enum ServerTrust {
 }
 
 /// The quinn client config for `trust`.
-pub fn client_config(trust: &ServerTrust, tuning: &Tuning) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    trust: &ServerTrust,
+    tuning: &Tuning,
+) -> Result<quinn::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -191,9 +194,7 @@ pub fn client_config(trust: &ServerTrust, tuning: &Tuning) -> Result<quinn::Clie
                     what: "PEM certificate",
                 });
             }
-            builder
-                .with_root_certificates(roots)
-                .with_no_client_auth()
+            builder.with_root_certificates(roots).with_no_client_auth()
         }
         ServerTrust::Fingerprint(fp) => {
             let pin = parse_fingerprint(fp)?;
@@ -243,7 +244,10 @@ impl ServerCertVerifier for PinnedVerifier {
         use sha2::Digest;
         let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
         // Constant-time compare: the pin is not secret, but there is no reason to leak.
-        let diff = got.iter().zip(self.pin.iter()).fold(0u8, |a, (x, y)| a | (x ^ y));
+        let diff = got
+            .iter()
+            .zip(self.pin.iter())
+            .fold(0u8, |a, (x, y)| a | (x ^ y));
         if diff == 0 {
             Ok(ServerCertVerified::assertion())
         } else {

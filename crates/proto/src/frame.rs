@@ -693,10 +693,7 @@ impl Frame {
             }),
         };
         if !b.is_empty() {
-            return Err(DecodeError::Trailing {
-                ty,
-                extra: b.len(),
-            });
+            return Err(DecodeError::Trailing { ty, extra: b.len() });
         }
         Ok(frame)
     }
@@ -719,7 +716,12 @@ impl Write {
             }
         }
         let mut head = BytesMut::with_capacity(HEADER_LEN + WRITE_FIXED);
-        FrameHeader::write(FrameType::Write, flags, WRITE_FIXED + payload.len(), &mut head);
+        FrameHeader::write(
+            FrameType::Write,
+            flags,
+            WRITE_FIXED + payload.len(),
+            &mut head,
+        );
         head.put_u32(self.handle);
         head.put_u64(self.seq);
         head.put_u64(self.offset);
@@ -882,7 +884,11 @@ mod tests {
                 marker_id: 5,
             }),
             Frame::Heartbeat(42),
-            Frame::Error(ErrorFrame::for_disk(ErrorCode::OutOfBounds, 3, "past the end")),
+            Frame::Error(ErrorFrame::for_disk(
+                ErrorCode::OutOfBounds,
+                3,
+                "past the end",
+            )),
             Frame::Progress(Progress {
                 handle: 3,
                 phase: Phase::Continuous,
@@ -1160,7 +1166,7 @@ mod tests {
         let mut body = BytesMut::new();
         body.put_u32(1);
         body.put_u16(MAX_ID_LEN as u16 + 1);
-        body.extend_from_slice(&vec![b'a'; MAX_ID_LEN + 1]);
+        body.extend_from_slice(&[b'a'; MAX_ID_LEN + 1]);
         let h = FrameHeader {
             ty: FrameType::DiskOpen,
             flags: 0,
@@ -1168,7 +1174,10 @@ mod tests {
         };
         assert!(matches!(
             Frame::decode_body(h, body.freeze()),
-            Err(DecodeError::BadField { reason: "too long", .. })
+            Err(DecodeError::BadField {
+                reason: "too long",
+                ..
+            })
         ));
         // Unknown phase.
         let mut b = Frame::Progress(Progress {

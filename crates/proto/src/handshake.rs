@@ -215,7 +215,9 @@ impl ClientHandshake {
             }
         };
         if w.version < self.hello.version_min || w.version > self.hello.version_max {
-            return Err(HandshakeError::BadWelcome("version outside the range we offered"));
+            return Err(HandshakeError::BadWelcome(
+                "version outside the range we offered",
+            ));
         }
         if w.features & !self.hello.features != 0 {
             return Err(HandshakeError::BadWelcome("features we did not ask for"));
@@ -350,8 +352,17 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(e, HandshakeError::NoCommonVersion { .. }));
-        assert!(matches!(f, Frame::Error(ErrorFrame { code: ErrorCode::BadVersion, .. })));
-        assert!(!called, "credentials are not checked for a hello we cannot speak");
+        assert!(matches!(
+            f,
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::BadVersion,
+                ..
+            })
+        ));
+        assert!(
+            !called,
+            "credentials are not checked for a hello we cannot speak"
+        );
         // An inverted range is no range at all.
         let mut s = ServerHandshake::new(params());
         let mut h = hello(0);
@@ -424,14 +435,26 @@ mod tests {
         };
         let run = |f| ClientHandshake::new(hello(features::LZ4)).on_frame(f);
         assert!(run(w(1, features::LZ4, 4096, 1)).is_ok());
-        assert!(matches!(run(w(2, 0, 4096, 1)), Err(HandshakeError::BadWelcome(_))));
-        assert!(matches!(run(w(1, 2, 4096, 1)), Err(HandshakeError::BadWelcome(_))));
-        assert!(matches!(run(w(1, 0, 0, 1)), Err(HandshakeError::BadWelcome(_))));
+        assert!(matches!(
+            run(w(2, 0, 4096, 1)),
+            Err(HandshakeError::BadWelcome(_))
+        ));
+        assert!(matches!(
+            run(w(1, 2, 4096, 1)),
+            Err(HandshakeError::BadWelcome(_))
+        ));
+        assert!(matches!(
+            run(w(1, 0, 0, 1)),
+            Err(HandshakeError::BadWelcome(_))
+        ));
         assert!(matches!(
             run(w(1, 0, MAX_WRITE_LEN + 1, 1)),
             Err(HandshakeError::BadWelcome(_))
         ));
-        assert!(matches!(run(w(1, 0, 4096, 0)), Err(HandshakeError::BadWelcome(_))));
+        assert!(matches!(
+            run(w(1, 0, 4096, 0)),
+            Err(HandshakeError::BadWelcome(_))
+        ));
         assert!(matches!(
             run(Frame::Heartbeat(1)),
             Err(HandshakeError::UnexpectedFrame { .. })

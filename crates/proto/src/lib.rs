@@ -14,12 +14,12 @@
 pub mod frame;
 pub mod handshake;
 
+pub use frame::DecodeError;
 pub use frame::{
     Ack, Decoder, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, FrameHeader, FrameType,
     Hello, Marker, MarkerRequest, Phase, Progress, ResumeKind, StreamBind, Welcome, Write,
     WriteZeroes, FLAG_LZ4, HEADER_LEN, NO_HANDLE,
 };
-pub use frame::DecodeError;
 pub use handshake::{ClientHandshake, HandshakeError, Negotiated, ServerHandshake, ServerParams};
 
 /// ALPN protocol identifier negotiated in the TLS handshake.

@@ -62,10 +62,12 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 /// Sends one request to the server running on `data_dir` (blocking; for the CLI).
 pub fn request(data_dir: &Path, req: &Request, timeout: Duration) -> Result<Response, AdminError> {
     let sock = socket_path(data_dir);
-    let s = std::os::unix::net::UnixStream::connect(&sock).map_err(|source| AdminError::NotRunning {
-        dir: data_dir.display().to_string(),
-        sock: sock.display().to_string(),
-        source,
+    let s = std::os::unix::net::UnixStream::connect(&sock).map_err(|source| {
+        AdminError::NotRunning {
+            dir: data_dir.display().to_string(),
+            sock: sock.display().to_string(),
+            source,
+        }
     })?;
     let io = |source| AdminError::Io {
         sock: sock.display().to_string(),

@@ -63,9 +63,8 @@ impl TokenKey {
                 Ok(TokenKey(b))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                slipway_store::fsutil::create_dir_all_durable(&dir).map_err(|e| {
-                    io(std::io::Error::other(e.to_string()))
-                })?;
+                slipway_store::fsutil::create_dir_all_durable(&dir)
+                    .map_err(|e| io(std::io::Error::other(e.to_string())))?;
                 let mut b = [0u8; 32];
                 rand::thread_rng().fill_bytes(&mut b);
                 let text = format!("{}\n", hex::encode(b));
@@ -112,7 +111,11 @@ impl TokenKey {
         let mut nonce = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut nonce);
         let tag = self.mac(source, &nonce).finalize().into_bytes();
-        Ok(format!("{PREFIX}{}.{}", hex::encode(nonce), hex::encode(tag)))
+        Ok(format!(
+            "{PREFIX}{}.{}",
+            hex::encode(nonce),
+            hex::encode(tag)
+        ))
     }
 
     /// Whether `token` was issued for `source` by this key. Constant time in the MAC.
@@ -145,7 +148,10 @@ mod tests {
         assert!(k.verify("web-01", &t));
         assert!(!k.verify("web-02", &t), "another source's token is refused");
         let other = TokenKey::from_bytes([8; 32]);
-        assert!(!other.verify("web-01", &t), "another server's token is refused");
+        assert!(
+            !other.verify("web-01", &t),
+            "another server's token is refused"
+        );
         // Forged or damaged tokens.
         let mut forged = t.clone();
         let last = forged.pop().unwrap();
@@ -155,7 +161,11 @@ mod tests {
             assert!(!k.verify("web-01", bad), "{bad}");
         }
         assert!(k.issue("../x").is_err());
-        assert_ne!(k.issue("web-01").unwrap(), t, "each token has its own nonce");
+        assert_ne!(
+            k.issue("web-01").unwrap(),
+            t,
+            "each token has its own nonce"
+        );
     }
 
     #[test]

@@ -34,21 +34,40 @@ async fn handle(mut sock: TcpStream, inner: Arc<Inner>) -> std::io::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > 8192 {
-            return respond(&mut sock, "431 Request Header Fields Too Large", "text/plain", "too large\n").await;
+            return respond(
+                &mut sock,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "too large\n",
+            )
+            .await;
         }
     }
-    let line = String::from_utf8_lossy(&buf[..buf.iter().position(|b| *b == b'\r').unwrap_or(0)]).into_owned();
+    let line = String::from_utf8_lossy(&buf[..buf.iter().position(|b| *b == b'\r').unwrap_or(0)])
+        .into_owned();
     let mut parts = line.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET", "/metrics") => {
             let body = inner.render_metrics();
-            respond(&mut sock, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
+            respond(
+                &mut sock,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &body,
+            )
+            .await
         }
         ("GET", "/healthz") => {
             if inner.is_shutting_down() {
-                respond(&mut sock, "503 Service Unavailable", "application/json", "{\"status\":\"draining\"}\n").await
+                respond(
+                    &mut sock,
+                    "503 Service Unavailable",
+                    "application/json",
+                    "{\"status\":\"draining\"}\n",
+                )
+                .await
             } else {
                 let body = format!(
                     "{{\"status\":\"ok\",\"agents_connected\":{}}}\n",
@@ -58,11 +77,24 @@ async fn handle(mut sock: TcpStream, inner: Arc<Inner>) -> std::io::Result<()> {
             }
         }
         ("GET", _) => respond(&mut sock, "404 Not Found", "text/plain", "not found\n").await,
-        _ => respond(&mut sock, "405 Method Not Allowed", "text/plain", "method not allowed\n").await,
+        _ => {
+            respond(
+                &mut sock,
+                "405 Method Not Allowed",
+                "text/plain",
+                "method not allowed\n",
+            )
+            .await
+        }
     }
 }
 
-async fn respond(sock: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    sock: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

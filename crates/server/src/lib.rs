@@ -311,7 +311,10 @@ pub async fn run(
         .map_err(io_err("reading the QUIC address"))?;
     let http = tokio::net::TcpListener::bind(settings.metrics_listen)
         .await
-        .map_err(io_err(format!("listening on tcp {}", settings.metrics_listen)))?;
+        .map_err(io_err(format!(
+            "listening on tcp {}",
+            settings.metrics_listen
+        )))?;
     let metrics_listen = http
         .local_addr()
         .map_err(io_err("reading the metrics address"))?;

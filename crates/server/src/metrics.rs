@@ -82,7 +82,8 @@ pub struct RestorePointMetrics {
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone())).expect("metric registers once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registers once");
     c
 }
 
@@ -361,7 +362,7 @@ impl Metrics {
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
-        .expect("process collector registers once");
+            .expect("process collector registers once");
         for reason in REJECT_REASONS {
             m.rejected.with_label_values(&[reason]);
         }

@@ -90,7 +90,11 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
-            inner.metrics.connections.with_label_values(&["failed"]).inc();
+            inner
+                .metrics
+                .connections
+                .with_label_values(&["failed"])
+                .inc();
             tracing::debug!(%peer, error = %e, "QUIC handshake failed");
             return;
         }
@@ -99,7 +103,11 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
             Ok(Ok(s)) => s,
             _ => {
-                inner.metrics.connections.with_label_values(&["failed"]).inc();
+                inner
+                    .metrics
+                    .connections
+                    .with_label_values(&["failed"])
+                    .inc();
                 conn.close(CLOSE_PROTOCOL, b"no control stream");
                 return;
             }
@@ -113,12 +121,26 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         Ok(Ok(Some(f))) => f,
         Ok(Err(FrameIoError::Decode(e))) => {
             inner.metrics.reject(ErrorCode::from(&e).as_str());
-            inner.metrics.connections.with_label_values(&["refused"]).inc();
-            refuse(&conn, ctl_send, ErrorFrame::new(ErrorCode::from(&e), e.to_string()), CLOSE_PROTOCOL).await;
+            inner
+                .metrics
+                .connections
+                .with_label_values(&["refused"])
+                .inc();
+            refuse(
+                &conn,
+                ctl_send,
+                ErrorFrame::new(ErrorCode::from(&e), e.to_string()),
+                CLOSE_PROTOCOL,
+            )
+            .await;
             return;
         }
         _ => {
-            inner.metrics.connections.with_label_values(&["failed"]).inc();
+            inner
+                .metrics
+                .connections
+                .with_label_values(&["failed"])
+                .inc();
             conn.close(CLOSE_PROTOCOL, b"no hello");
             return;
         }
@@ -151,7 +173,11 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
                 ErrorCode::InvalidArgument => "invalid_argument",
                 _ => "malformed",
             });
-            inner.metrics.connections.with_label_values(&["refused"]).inc();
+            inner
+                .metrics
+                .connections
+                .with_label_values(&["refused"])
+                .inc();
             // Never log the credential; the source id is validated or quoted by the error.
             tracing::warn!(%peer, error = %e, "refused agent");
             let close = if code == ErrorCode::Unauthorized {
@@ -165,7 +191,11 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
             return;
         }
     };
-    inner.metrics.connections.with_label_values(&["accepted"]).inc();
+    inner
+        .metrics
+        .connections
+        .with_label_values(&["accepted"])
+        .inc();
     inner.metrics.agents_connected.inc();
     let generation = inner.next_session.fetch_add(1, Ordering::Relaxed);
     let previous = inner
@@ -175,7 +205,10 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         .insert(negotiated.source_id.clone(), (generation, conn.clone()));
     if let Some((_, old)) = previous {
         tracing::info!(source = %negotiated.source_id, "new connection supersedes the previous one");
-        old.close(CLOSE_SUPERSEDED, b"superseded by a newer connection of this source");
+        old.close(
+            CLOSE_SUPERSEDED,
+            b"superseded by a newer connection of this source",
+        );
     }
     let span = tracing::info_span!("session", source = %negotiated.source_id, %peer);
     let _e = span.enter();
@@ -202,7 +235,12 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
 }
 
 /// Sends an error frame, gives the peer a moment to read it, then closes.
-async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, e: ErrorFrame, code: quinn::VarInt) {
+async fn refuse(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    e: ErrorFrame,
+    code: quinn::VarInt,
+) {
     let reason = e.message.clone();
     let _ = write_frame(&mut send, &Frame::Error(e)).await;
     let _ = send.finish();
@@ -210,7 +248,11 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, e: ErrorF
     conn.close(code, reason.as_bytes());
 }
 
-async fn control_loop(c: &Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> String {
+async fn control_loop(
+    c: &Arc<Conn>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> String {
     // A dedicated reader: read_frame is not cancel-safe, a channel receive is.
     let (ftx, mut frx) = mpsc::channel::<Result<Frame, FrameIoError>>(16);
     let reader = tokio::spawn(async move {
@@ -308,7 +350,10 @@ async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorF
                     Ok(Some(Frame::Error(ErrorFrame::for_disk(
                         ErrorCode::UnknownDisk,
                         p.handle,
-                        format!("progress for handle {} which this connection did not open", p.handle),
+                        format!(
+                            "progress for handle {} which this connection did not open",
+                            p.handle
+                        ),
                     ))))
                 }
             }
@@ -318,7 +363,10 @@ async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorF
             c.inner.metrics.reject("malformed");
             Err(ErrorFrame::new(
                 ErrorCode::Malformed,
-                format!("{:?} is not allowed on the control stream", other.frame_type()),
+                format!(
+                    "{:?} is not allowed on the control stream",
+                    other.frame_type()
+                ),
             ))
         }
     }
@@ -406,7 +454,10 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
     let mp = meta_path.clone();
     let opened = tokio::task::spawn_blocking(move || -> Result<_, ErrorFrame> {
         let internal = |e: slipway_store::StoreError| {
-            ErrorFrame::new(ErrorCode::DiskError, format!("opening disk {}: {e}", dd.disk_id))
+            ErrorFrame::new(
+                ErrorCode::DiskError,
+                format!("opening disk {}: {e}", dd.disk_id),
+            )
         };
         let existing = DiskMeta::load(&mp).map_err(internal)?;
         if let Some(m) = &existing {
@@ -424,8 +475,14 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         let (resume, mut meta) = match existing {
             Some(m) if !created && m.agent_run == run => (ResumeKind::Resume, m),
             Some(m) if !created => (ResumeKind::Resync, m),
-            _ if created => (ResumeKind::Fresh, DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size)),
-            _ => (ResumeKind::Resync, DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size)),
+            _ if created => (
+                ResumeKind::Fresh,
+                DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size),
+            ),
+            _ => (
+                ResumeKind::Resync,
+                DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size),
+            ),
         };
         if resume != ResumeKind::Resume {
             // A new agent run: its sequence numbers start over, and until its first pass is
@@ -508,13 +565,20 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
             ApplierEvent::Failed { seq, error, .. } => {
                 disk_errors.inc();
                 tracing::error!(source = %src, disk = %disk, seq, %error, "volume failed; disk is in the error state");
-                slot.status.lock().unwrap().error = Some(format!("volume failed at seq {seq}: {error}"));
+                slot.status.lock().unwrap().error =
+                    Some(format!("volume failed at seq {seq}: {error}"));
                 ack_tx.send_modify(|a| a.failed = Some(error.clone()));
             }
         }
     };
     let vol: Arc<dyn Volume> = Arc::new(vol);
-    let applier = Applier::start(vol, meta.clone(), meta_path, ApplierConfig::default(), events);
+    let applier = Applier::start(
+        vol,
+        meta.clone(),
+        meta_path,
+        ApplierConfig::default(),
+        events,
+    );
     *handle_cell.lock().unwrap() = Some(applier.handle());
     {
         let mut st = slot.status.lock().unwrap();
@@ -546,7 +610,9 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         applier: Mutex::new(Some(applier)),
         handle_cell,
         acks: ack_rx,
-        queue: Arc::new(tokio::sync::Semaphore::new(inner.settings.disk_queue_bytes as usize)),
+        queue: Arc::new(tokio::sync::Semaphore::new(
+            inner.settings.disk_queue_bytes as usize,
+        )),
         latency,
         bound: AtomicBool::new(false),
         lease: Mutex::new(Some(lease)),
@@ -584,7 +650,15 @@ async fn disk_stream(c: Arc<Conn>, send: quinn::SendStream, mut recv: quinn::Rec
         Ok(Ok(None)) | Ok(Err(FrameIoError::Read(_))) => return,
         _ => {
             c.inner.metrics.reject("malformed");
-            stream_refuse(send, recv, ErrorFrame::new(ErrorCode::Malformed, "a disk stream must start with StreamBind")).await;
+            stream_refuse(
+                send,
+                recv,
+                ErrorFrame::new(
+                    ErrorCode::Malformed,
+                    "a disk stream must start with StreamBind",
+                ),
+            )
+            .await;
             return;
         }
     };
@@ -594,14 +668,27 @@ async fn disk_stream(c: Arc<Conn>, send: quinn::SendStream, mut recv: quinn::Rec
         stream_refuse(
             send,
             recv,
-            ErrorFrame::for_disk(ErrorCode::UnknownDisk, handle, format!("handle {handle} was not opened by this connection")),
+            ErrorFrame::for_disk(
+                ErrorCode::UnknownDisk,
+                handle,
+                format!("handle {handle} was not opened by this connection"),
+            ),
         )
         .await;
         return;
     };
     if disk.bound.swap(true, Ordering::SeqCst) {
         c.inner.metrics.reject("malformed");
-        stream_refuse(send, recv, ErrorFrame::for_disk(ErrorCode::Malformed, handle, "this disk already has a stream")).await;
+        stream_refuse(
+            send,
+            recv,
+            ErrorFrame::for_disk(
+                ErrorCode::Malformed,
+                handle,
+                "this disk already has a stream",
+            ),
+        )
+        .await;
         return;
     }
     let (err_tx, err_rx) = oneshot::channel();
@@ -627,7 +714,11 @@ async fn stream_refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
 }
 
 /// Reads, validates and queues frames until the stream ends (`Ok`) or a frame is refused.
-async fn receive_writes(c: &Arc<Conn>, disk: &Arc<OpenDisk>, recv: &mut quinn::RecvStream) -> Result<(), ErrorFrame> {
+async fn receive_writes(
+    c: &Arc<Conn>,
+    disk: &Arc<OpenDisk>,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), ErrorFrame> {
     let inner = &c.inner;
     let h = disk.handle;
     let mut last_seq = disk.start_seq;
@@ -636,11 +727,17 @@ async fn receive_writes(c: &Arc<Conn>, disk: &Arc<OpenDisk>, recv: &mut quinn::R
         let frame = match read_frame(recv, max_body).await {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
-            Err(FrameIoError::Decode(e)) => return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string())),
+            Err(FrameIoError::Decode(e)) => {
+                return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string()))
+            }
             Err(_) => return Ok(()), // connection or stream gone: nothing to answer
         };
         if let Some(err) = &disk.acks.borrow().failed {
-            return Err(ErrorFrame::for_disk(ErrorCode::DiskError, h, format!("disk is in the error state: {err}")));
+            return Err(ErrorFrame::for_disk(
+                ErrorCode::DiskError,
+                h,
+                format!("disk is in the error state: {err}"),
+            ));
         }
         let (seq, handle) = match &frame {
             Frame::Write(w) => (w.seq, w.handle),
@@ -655,10 +752,18 @@ async fn receive_writes(c: &Arc<Conn>, disk: &Arc<OpenDisk>, recv: &mut quinn::R
             }
         };
         if handle != h {
-            return Err(ErrorFrame::for_disk(ErrorCode::UnknownDisk, h, format!("frame names handle {handle} on the stream of handle {h}")));
+            return Err(ErrorFrame::for_disk(
+                ErrorCode::UnknownDisk,
+                h,
+                format!("frame names handle {handle} on the stream of handle {h}"),
+            ));
         }
         if seq <= last_seq {
-            return Err(ErrorFrame::for_disk(ErrorCode::BadSequence, h, format!("sequence {seq} is not above {last_seq}")));
+            return Err(ErrorFrame::for_disk(
+                ErrorCode::BadSequence,
+                h,
+                format!("sequence {seq} is not above {last_seq}"),
+            ));
         }
         let (offset, len) = match &frame {
             Frame::Write(w) => (w.offset, w.data.len() as u64),
@@ -672,26 +777,52 @@ async fn receive_writes(c: &Arc<Conn>, disk: &Arc<OpenDisk>, recv: &mut quinn::R
                     return Err(ErrorFrame::for_disk(
                         ErrorCode::TooLarge,
                         h,
-                        format!("write of {} bytes exceeds max_write {}", w.data.len(), inner.settings.max_write),
+                        format!(
+                            "write of {} bytes exceeds max_write {}",
+                            w.data.len(),
+                            inner.settings.max_write
+                        ),
                     ));
                 }
             }
         }
         if let Some(t) = &inner.throttle {
             let wire = len.min(slipway_proto::MAX_BODY_LEN as u64) + 36;
-            let waited = t.take(if matches!(frame, Frame::Write(_)) { wire } else { 36 }).await;
-            inner.metrics.throttle_wait_seconds.inc_by(waited.as_secs_f64());
+            let waited = t
+                .take(if matches!(frame, Frame::Write(_)) {
+                    wire
+                } else {
+                    36
+                })
+                .await;
+            inner
+                .metrics
+                .throttle_wait_seconds
+                .inc_by(waited.as_secs_f64());
         }
         last_seq = seq;
         let op = match frame {
             Frame::Write(w) => {
                 let n = w.data.len() as u32;
-                let gd = disk.queue.clone().acquire_many_owned(n).await.expect("never closed");
-                let gg = inner.memory.clone().acquire_many_owned(n).await.expect("never closed");
+                let gd = disk
+                    .queue
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .expect("never closed");
+                let gg = inner
+                    .memory
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .expect("never closed");
                 inner.metrics.queued_bytes.add(n as i64);
                 disk.received_bytes.inc_by(n as u64);
                 disk.received_writes.inc();
-                disk.latency.lock().unwrap().push_back((seq, Instant::now()));
+                disk.latency
+                    .lock()
+                    .unwrap()
+                    .push_back((seq, Instant::now()));
                 Op::Write {
                     seq,
                     offset: w.offset,
@@ -706,10 +837,20 @@ async fn receive_writes(c: &Arc<Conn>, disk: &Arc<OpenDisk>, recv: &mut quinn::R
             }
             Frame::WriteZeroes(z) => {
                 disk.received_writes.inc();
-                disk.latency.lock().unwrap().push_back((seq, Instant::now()));
-                Op::Zeroes { seq, offset: z.offset, len: z.len }
+                disk.latency
+                    .lock()
+                    .unwrap()
+                    .push_back((seq, Instant::now()));
+                Op::Zeroes {
+                    seq,
+                    offset: z.offset,
+                    len: z.len,
+                }
             }
-            Frame::Marker(m) => Op::Marker { seq, marker_id: m.marker_id },
+            Frame::Marker(m) => Op::Marker {
+                seq,
+                marker_id: m.marker_id,
+            },
             _ => unreachable!("filtered above"),
         };
         let submitted = match disk.applier.lock().unwrap().as_ref() {
@@ -717,7 +858,11 @@ async fn receive_writes(c: &Arc<Conn>, disk: &Arc<OpenDisk>, recv: &mut quinn::R
             None => false,
         };
         if !submitted {
-            return Err(ErrorFrame::for_disk(ErrorCode::DiskError, h, "disk is closing"));
+            return Err(ErrorFrame::for_disk(
+                ErrorCode::DiskError,
+                h,
+                "disk is closing",
+            ));
         }
     }
 }
@@ -737,7 +882,10 @@ fn check_range(disk: &OpenDisk, offset: u64, len: u64) -> Result<(), ErrorFrame>
         _ => Err(ErrorFrame::for_disk(
             ErrorCode::OutOfBounds,
             h,
-            format!("write of {len} bytes at {offset} ends past the disk's {} bytes", disk.size),
+            format!(
+                "write of {len} bytes at {offset} ends past the disk's {} bytes",
+                disk.size
+            ),
         )),
     }
 }
@@ -789,7 +937,9 @@ async fn cleanup(c: &Arc<Conn>) {
         if let Some(a) = applier {
             let r = tokio::task::spawn_blocking(move || a.close()).await;
             match r {
-                Ok(Ok(meta)) => tracing::debug!(disk = %d.slot.disk, durable_seq = meta.durable_seq, "disk closed"),
+                Ok(Ok(meta)) => {
+                    tracing::debug!(disk = %d.slot.disk, durable_seq = meta.durable_seq, "disk closed")
+                }
                 Ok(Err(e)) => tracing::warn!(disk = %d.slot.disk, error = %e, "closing disk"),
                 Err(e) => tracing::warn!(disk = %d.slot.disk, error = %e, "closing disk"),
             }

@@ -165,7 +165,11 @@ impl Settings {
             let inner = e.into_inner();
             SettingsError::Parse {
                 file: file.to_string(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 reason: inner.message().trim().to_string(),
             }
         })
@@ -198,7 +202,11 @@ impl Settings {
             return Err(bad("data_dir", "must not be empty".into()));
         }
         let listen = addr("listen", raw.listen.as_ref(), "127.0.0.1:1500")?;
-        let metrics_listen = addr("metrics_listen", raw.metrics_listen.as_ref(), "127.0.0.1:9500")?;
+        let metrics_listen = addr(
+            "metrics_listen",
+            raw.metrics_listen.as_ref(),
+            "127.0.0.1:9500",
+        )?;
         let log_format = match raw.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -207,8 +215,12 @@ impl Settings {
         let tls_cert = match (&raw.tls.cert, &raw.tls.key) {
             (None, None) => None,
             (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
-            (Some(_), None) => return Err(bad("tls.key", "is required when tls.cert is set".into())),
-            (None, Some(_)) => return Err(bad("tls.cert", "is required when tls.key is set".into())),
+            (Some(_), None) => {
+                return Err(bad("tls.key", "is required when tls.cert is set".into()))
+            }
+            (None, Some(_)) => {
+                return Err(bad("tls.cert", "is required when tls.key is set".into()))
+            }
         };
         let tls_names = raw
             .tls
@@ -241,7 +253,11 @@ impl Settings {
                 format!("{disk_queue} bytes cannot hold one write of max_write ({max_write})"),
             ));
         }
-        let memory_limit = size("replication.memory_limit", r.memory_limit.as_ref(), "256MiB")?;
+        let memory_limit = size(
+            "replication.memory_limit",
+            r.memory_limit.as_ref(),
+            "256MiB",
+        )?;
         if memory_limit < disk_queue {
             return Err(bad(
                 "replication.memory_limit",
@@ -250,7 +266,10 @@ impl Settings {
         }
         let heartbeat = dur("replication.heartbeat", r.heartbeat.as_ref(), "5s")?;
         if heartbeat < Duration::from_millis(100) || heartbeat > Duration::from_secs(600) {
-            return Err(bad("replication.heartbeat", "must be between 100ms and 10m".into()));
+            return Err(bad(
+                "replication.heartbeat",
+                "must be between 100ms and 10m".into(),
+            ));
         }
         let stall_after = dur("replication.stall_after", r.stall_after.as_ref(), "60s")?;
         let max_disks = r.max_disks_per_connection.unwrap_or(64);
@@ -308,8 +327,8 @@ impl Settings {
             max_streams: max_disks + 1,
         };
 
-        let pit = slipway_pit::PitPolicy::from_raw(&raw.pit)
-            .map_err(|e| bad("pit", e.to_string()))?;
+        let pit =
+            slipway_pit::PitPolicy::from_raw(&raw.pit).map_err(|e| bad("pit", e.to_string()))?;
 
         Ok(Settings {
             data_dir,
@@ -348,7 +367,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        u => return Err(format!("{s:?} has an unknown unit {u:?} (use B, KiB, MiB, GiB)")),
+        u => {
+            return Err(format!(
+                "{s:?} has an unknown unit {u:?} (use B, KiB, MiB, GiB)"
+            ))
+        }
     };
     n.checked_mul(mul)
         .ok_or_else(|| format!("{s:?} is too large"))
@@ -398,7 +421,9 @@ mod tests {
 
     #[test]
     fn errors_name_file_key_and_reason() {
-        let e = load("[replication]\nbandwith_mbps = 3\n").unwrap_err().to_string();
+        let e = load("[replication]\nbandwith_mbps = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/etc/slipway/slipway.toml"), "{e}");
         assert!(e.contains("bandwith_mbps"), "{e}");
         assert!(e.contains("unknown field"), "{e}");
@@ -408,17 +433,26 @@ mod tests {
             .to_string();
         assert!(e.contains("replication.bandwidth_mbps"), "{e}");
 
-        let e = load("[quic]\ncongestion = \"vegas\"\n").unwrap_err().to_string();
+        let e = load("[quic]\ncongestion = \"vegas\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `quic.congestion`"), "{e}");
         assert!(e.contains("vegas"), "{e}");
 
         let e = load("listen = \"nowhere\"\n").unwrap_err().to_string();
         assert!(e.contains("key `listen`"), "{e}");
 
-        let e = load("[replication]\nheartbeat = \"soon\"\n").unwrap_err().to_string();
-        assert!(e.contains("replication.heartbeat") && e.contains("duration"), "{e}");
+        let e = load("[replication]\nheartbeat = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("replication.heartbeat") && e.contains("duration"),
+            "{e}"
+        );
 
-        let e = load("[quic]\nmax_udp_payload = 100\n").unwrap_err().to_string();
+        let e = load("[quic]\nmax_udp_payload = 100\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("quic.max_udp_payload"), "{e}");
 
         let e = load("[tls]\ncert = \"/x.pem\"\n").unwrap_err().to_string();

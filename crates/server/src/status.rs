@@ -179,7 +179,8 @@ impl DiskStatus {
             Some(Phase::Rescan) => ReplState::Rescan,
             Some(Phase::Backlog) => ReplState::Backlog,
         };
-        if s != ReplState::Continuous && now.saturating_duration_since(self.last_activity) > stall_after
+        if s != ReplState::Continuous
+            && now.saturating_duration_since(self.last_activity) > stall_after
         {
             return ReplState::Stalled;
         }
@@ -279,9 +280,15 @@ mod tests {
         assert!(!s.on_durable(5, 4096, t0 + Duration::from_secs(1)));
         // The agent sent its last write (seq 9): not continuous until that is durable.
         s.on_progress(Phase::Continuous, 0, 9, t0 + Duration::from_secs(2));
-        assert_eq!(s.state(t0 + Duration::from_secs(2), STALL), ReplState::InitialSync);
+        assert_eq!(
+            s.state(t0 + Duration::from_secs(2), STALL),
+            ReplState::InitialSync
+        );
         assert!(s.on_durable(9, 4096, t0 + Duration::from_secs(3)));
-        assert_eq!(s.state(t0 + Duration::from_secs(3), STALL), ReplState::Continuous);
+        assert_eq!(
+            s.state(t0 + Duration::from_secs(3), STALL),
+            ReplState::Continuous
+        );
         assert_eq!(s.lag(t0 + Duration::from_secs(3), STALL), 0.0);
         assert_eq!(s.replicated_bytes, 8192);
     }

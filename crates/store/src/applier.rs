@@ -303,7 +303,10 @@ fn writer_loop(s: Arc<Shared>, rx: mpsc::Receiver<Op>) {
         let seq = op.seq();
         let (res, bytes) = match op {
             Op::Write {
-                offset, data, guard, ..
+                offset,
+                data,
+                guard,
+                ..
             } => {
                 let r = s.vol.write_at(&data, offset);
                 drop(guard);
@@ -480,7 +483,9 @@ mod tests {
         let meta = a.close().unwrap();
         assert_eq!(meta.durable_seq, 200);
         assert_eq!(meta.replicated_bytes, 200 * 512);
-        let on_disk = DiskMeta::load(&d.path().join("d.meta.json")).unwrap().unwrap();
+        let on_disk = DiskMeta::load(&d.path().join("d.meta.json"))
+            .unwrap()
+            .unwrap();
         assert_eq!(on_disk.durable_seq, 200);
     }
 
@@ -508,7 +513,11 @@ mod tests {
                 // Later writes to the same block may be there too: check the newest <= reported.
                 let slot = i % 64;
                 let newest = (1..=reported).rev().find(|j| j % 64 == slot).unwrap();
-                assert_eq!(img[(slot * 512) as usize], newest as u8, "cut at {cut_after}");
+                assert_eq!(
+                    img[(slot * 512) as usize],
+                    newest as u8,
+                    "cut at {cut_after}"
+                );
             }
             let h = a.handle();
             drop(a);
@@ -576,7 +585,10 @@ mod tests {
         a.submit(write(3, 0, 3)).unwrap();
         loop {
             match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-                ApplierEvent::MarkerReached { marker_id: 77, seq: 2 } => break,
+                ApplierEvent::MarkerReached {
+                    marker_id: 77,
+                    seq: 2,
+                } => break,
                 ApplierEvent::Durable { seq, .. } => assert!(seq <= 2),
                 e => panic!("{e:?}"),
             }

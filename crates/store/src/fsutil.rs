@@ -16,7 +16,10 @@ use crate::StoreError;
 pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(StoreError::io(format!("fsyncing directory {}", dir.display())))
+        .map_err(StoreError::io(format!(
+            "fsyncing directory {}",
+            dir.display()
+        )))
 }
 
 /// Creates `dir` and its parents and makes each new entry durable.
@@ -30,7 +33,12 @@ pub fn create_dir_all_durable(dir: &Path) -> Result<(), StoreError> {
     match fs::create_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(StoreError::io(format!("creating directory {}", dir.display()))(e)),
+        Err(e) => {
+            return Err(StoreError::io(format!(
+                "creating directory {}",
+                dir.display()
+            ))(e))
+        }
     }
     if let Some(parent) = dir.parent() {
         fsync_dir(parent)?;
@@ -79,7 +87,10 @@ mod tests {
         write_atomic(&p, b"one", 0o600).unwrap();
         write_atomic(&p, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // No temp file is left behind.
         let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1);
