@@ -1,0 +1,27 @@
+//! End-to-end tests: the real `slipway` and `slipway-agent` binaries over loopback QUIC.
+//! One test binary (ripgrep style) so the binaries are built and linked once.
+
+mod data_path;
+mod refusals;
+mod support;
+
+/// Runs `promtool check metrics` on an exposition; panics with its complaints.
+pub fn promtool_check(metrics: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (Debian package prometheus; .ci/run installs it)");
+    child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,295 @@
+//! Test support: run the real `slipway` and `slipway-agent` binaries, make source disks,
+//! compare replicas.
+//!
+//! Waiting is done on events where the binaries give one (the server's `ready` line on stdout,
+//! process exit) and otherwise by polling a condition with a deadline — never a bare sleep.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+
+pub const SLIPWAY: &str = env!("CARGO_BIN_EXE_slipway");
+pub const AGENT: &str = env!("CARGO_BIN_EXE_slipway-agent");
+
+/// A running `slipway serve`.
+pub struct Server {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics: SocketAddr,
+    pub fingerprint: String,
+    extra: Vec<String>,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Server {
+        Self::start_with(data_dir, "127.0.0.1:0", &[])
+    }
+
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("server.log"))
+            .unwrap();
+        let mut child = Command::new(SLIPWAY)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawning slipway serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let ready: serde_json::Value = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                        if v["event"] == "ready" {
+                            break v;
+                        }
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+                    panic!("server exited before it was ready; log:\n{log}");
+                }
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            data_dir: data_dir.to_owned(),
+            listen: ready["listen"].as_str().unwrap().parse().unwrap(),
+            metrics: ready["metrics_listen"].as_str().unwrap().parse().unwrap(),
+            fingerprint: ready["fingerprint"].as_str().unwrap().to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// `kill -9`: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts again on the same data dir and port.
+    pub fn restart(&mut self) {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let s = Server::start_with(&self.data_dir.clone(), &self.listen.to_string(), &extra);
+        let old = std::mem::replace(self, s);
+        std::mem::forget(old.child);
+    }
+
+    pub fn token(&self, source: &str) -> String {
+        let out = Command::new(SLIPWAY)
+            .args(["token", "issue", "--source-id", source, "--data-dir"])
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.metrics, path)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.http_get("/healthz").0 == 200
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(SLIPWAY)
+            .args(["status", "--json", "--data-dir"])
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn volume(&self, source: &str, disk: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(source).join(format!("{disk}.raw"))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp[9..12].parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// A `slipway-agent replicate` run.
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(server: &Server, source: &str, token: &str, disks: &[&Path], extra: &[&str]) -> Agent {
+        let log = server.data_dir.join(format!("agent-{source}-{}.log", rand::random::<u32>()));
+        let mut cmd = Command::new(AGENT);
+        cmd.arg("replicate")
+            .args(["--server", &server.listen.to_string()])
+            .args(["--server-fingerprint", &server.fingerprint])
+            .args(["--source-id", source, "--token", token]);
+        for d in disks {
+            cmd.arg("--disk").arg(d);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&log).unwrap()));
+        Agent {
+            child: cmd.spawn().expect("spawning slipway-agent"),
+            log,
+        }
+    }
+
+    /// Waits for the agent to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("agent did not finish within {limit:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes a source disk of `size` bytes: random data with holes — whole zero MiB regions and
+/// zero 4 KiB blocks inside data regions — so zero skipping and coalescing are exercised.
+pub fn make_disk(path: &Path, size: u64, seed: u64) {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = ((size - off) as usize).min(buf.len());
+        let kind = rng.next_u32() % 8;
+        if kind == 0 {
+            off += n as u64; // a hole: leave sparse zeros
+            continue;
+        }
+        rng.fill_bytes(&mut buf[..n]);
+        if kind == 1 {
+            // Punch some zero 4 KiB blocks into the data.
+            for _ in 0..16 {
+                let b = (rng.next_u32() as usize % (n / 4096).max(1)) * 4096;
+                let e = (b + 4096).min(n);
+                buf[b..e].fill(0);
+            }
+        }
+        f.write_all_at(&buf[..n], off).unwrap();
+        off += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Panics with the first differing offset if the files differ in the first `len` bytes.
+pub fn assert_same(a: &Path, b: &Path, len: u64) {
+    let fa = File::open(a).unwrap();
+    let fb = File::open(b).unwrap();
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let n = ((len - off) as usize).min(ba.len());
+        fa.read_exact_at(&mut ba[..n], off).unwrap();
+        fb.read_exact_at(&mut bb[..n], off).unwrap();
+        if ba[..n] != bb[..n] {
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
+        }
+        off += n as u64;
+    }
+}
+
+/// Checks every acked range in an agent's ack journal against the source.
+/// Returns how many ranges were checked.
+pub fn check_journal(journal: &Path, disk_id: &str, source: &Path, volume: &Path) -> usize {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    let fs = File::open(source).unwrap();
+    let fv = File::open(volume).unwrap();
+    let mut n = 0;
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.len() != 4 || parts[0] != disk_id {
+            continue; // a torn last line or another disk
+        }
+        let (off, len): (u64, u64) = (parts[2].parse().unwrap(), parts[3].parse().unwrap());
+        let mut a = vec![0u8; len as usize];
+        let mut b = vec![0u8; len as usize];
+        fs.read_exact_at(&mut a, off).unwrap();
+        fv.read_exact_at(&mut b, off).unwrap();
+        assert!(a == b, "acked range {off}+{len} (seq {}) is not on the volume", parts[1]);
+        n += 1;
+    }
+    n
+}
