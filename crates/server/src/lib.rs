@@ -111,6 +111,10 @@ impl Inner {
         self.volume_dir(source).join(format!("{disk}.raw"))
     }
 
+    pub fn changes_path(&self, source: &str, disk: &str) -> PathBuf {
+        self.volume_dir(source).join(format!("{disk}.changes"))
+    }
+
     pub fn meta_path(&self, source: &str, disk: &str) -> PathBuf {
         self.volume_dir(source).join(format!("{disk}.meta.json"))
     }

@@ -572,13 +572,20 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         }
     };
     let vol: Arc<dyn Volume> = Arc::new(vol);
-    let applier = Applier::start(
-        vol,
-        meta.clone(),
-        meta_path,
-        ApplierConfig::default(),
-        events,
-    );
+    let config = ApplierConfig {
+        changes_path: Some(inner.changes_path(&c.source, &d.disk_id)),
+        ..ApplierConfig::default()
+    };
+    let meta2 = meta.clone();
+    let applier =
+        tokio::task::spawn_blocking(move || Applier::start(vol, meta2, meta_path, config, events))
+            .await
+            .map_err(|e| {
+                ErrorFrame::new(ErrorCode::Internal, format!("starting the applier: {e}"))
+            })?
+            .map_err(|e| {
+                ErrorFrame::new(ErrorCode::DiskError, format!("starting the applier: {e}"))
+            })?;
     *handle_cell.lock().unwrap() = Some(applier.handle());
     {
         let mut st = slot.status.lock().unwrap();

@@ -19,6 +19,7 @@
 //! reports [`ApplierEvent::MarkerReached`] and holds further writes until
 //! [`ApplierHandle::release_marker`] — the window in which a snapshot of the volume is exact.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::changes::{blocks_for, ChangeMap, BLOCK};
 use crate::meta::DiskMeta;
 use crate::volume::Volume;
 use crate::StoreError;
@@ -98,12 +100,15 @@ pub enum ApplierEvent {
 pub struct ApplierConfig {
     /// Rewrite the metadata after a flush at most this often (it is always rewritten on close).
     pub meta_interval: Duration,
+    /// Where the change map lives; `None` tracks changes in memory only.
+    pub changes_path: Option<PathBuf>,
 }
 
 impl Default for ApplierConfig {
     fn default() -> Self {
         ApplierConfig {
             meta_interval: Duration::from_secs(1),
+            changes_path: None,
         }
     }
 }
@@ -118,6 +123,8 @@ struct Shared {
     meta_path: PathBuf,
     events: EventFn,
     config: ApplierConfig,
+    changes: Mutex<ChangeMap>,
+    capture: Mutex<Option<Arc<Capture>>>,
 }
 
 #[derive(Default)]
@@ -172,6 +179,115 @@ impl ApplierHandle {
     pub fn volume(&self) -> Arc<dyn Volume> {
         self.shared.vol.clone()
     }
+
+    /// Starts capturing the volume as it is now, for a snapshot whose parent is `parent`.
+    ///
+    /// Call it only while the writer is held at a marker (after
+    /// [`ApplierEvent::MarkerReached`], before [`ApplierHandle::release_marker`]): the volume
+    /// is then exactly the marker's image. From then on the writer copies any block of the
+    /// capture set aside before overwriting it, so the snapshot can be read after the writer
+    /// resumes (copy-on-write) and the pause stays short. Change tracking restarts relative
+    /// to `new_base`.
+    pub fn begin_capture(&self, parent: Option<&str>, new_base: &str) -> Arc<Capture> {
+        let size = self.shared.meta.lock().unwrap().size;
+        let mut changes = self.shared.changes.lock().unwrap();
+        let old = std::mem::replace(&mut *changes, ChangeMap::new(size, Some(new_base.into())));
+        let full = !old.usable_against(parent);
+        let set = if full {
+            ChangeMap::untrusted(size)
+        } else {
+            old.clone()
+        };
+        let cap = Arc::new(Capture {
+            vol: self.shared.vol.clone(),
+            size,
+            full,
+            set,
+            old,
+            state: Mutex::new(CaptureState {
+                done: vec![false; blocks_for(size) as usize],
+                saved: HashMap::new(),
+            }),
+        });
+        *self.shared.capture.lock().unwrap() = Some(cap.clone());
+        cap
+    }
+
+    /// Ends a capture. When the snapshot failed, the changes it was to record are merged back
+    /// so the next snapshot includes them.
+    pub fn end_capture(&self, cap: &Capture, ok: bool) {
+        self.shared.capture.lock().unwrap().take();
+        if !ok {
+            let mut changes = self.shared.changes.lock().unwrap();
+            let mut restored = cap.old.clone();
+            restored.merge(&changes);
+            *changes = restored;
+        }
+    }
+}
+
+/// A point-in-time image of a volume, read while the writer keeps going.
+pub struct Capture {
+    vol: Arc<dyn Volume>,
+    size: u64,
+    /// Whether every block must be read (no usable change map against the parent).
+    pub full: bool,
+    set: ChangeMap,
+    old: ChangeMap,
+    state: Mutex<CaptureState>,
+}
+
+struct CaptureState {
+    done: Vec<bool>,
+    saved: HashMap<u64, Vec<u8>>,
+}
+
+impl Capture {
+    /// Whether block `b` may differ from the parent restore point.
+    pub fn is_changed(&self, b: u64) -> bool {
+        self.set.is_changed(b)
+    }
+
+    /// Blocks this capture must read.
+    pub fn changed_count(&self) -> u64 {
+        self.set.changed_count()
+    }
+
+    fn read_block(&self, b: u64) -> std::io::Result<Vec<u8>> {
+        let off = b * BLOCK;
+        let mut buf = vec![0u8; (self.size - off).min(BLOCK) as usize];
+        self.vol.read_at(&mut buf, off)?;
+        Ok(buf)
+    }
+
+    /// Block `b` as it was when the capture began.
+    pub fn take(&self, b: u64) -> std::io::Result<Vec<u8>> {
+        let mut st = self.state.lock().unwrap();
+        if let Some(d) = st.saved.remove(&b) {
+            return Ok(d);
+        }
+        // Read under the lock: the writer cannot overwrite the block meanwhile.
+        let d = self.read_block(b)?;
+        st.done[b as usize] = true;
+        Ok(d)
+    }
+
+    /// Called by the writer before it overwrites `len` bytes at `offset`.
+    fn preserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if len == 0 || offset >= self.size {
+            return Ok(());
+        }
+        let last = ((offset + len - 1) / BLOCK).min(blocks_for(self.size) - 1);
+        let mut st = self.state.lock().unwrap();
+        for b in offset / BLOCK..=last {
+            if self.set.is_changed(b) && !st.done[b as usize] {
+                let d = self.read_block(b)?;
+                st.saved.insert(b, d);
+                st.done[b as usize] = true;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A running applier. Submit ops in sequence order; close it to stop.
@@ -191,8 +307,17 @@ impl Applier {
         meta_path: PathBuf,
         config: ApplierConfig,
         events: impl Fn(ApplierEvent) + Send + Sync + 'static,
-    ) -> Self {
+    ) -> Result<Self, StoreError> {
         let start = meta.durable_seq;
+        let changes = match &config.changes_path {
+            Some(p) => {
+                let m = ChangeMap::load(p, meta.size);
+                // While we run, the file on disk says "untrusted": a crash means "all changed".
+                m.store(p, false)?;
+                m
+            }
+            None => ChangeMap::untrusted(meta.size),
+        };
         let shared = Arc::new(Shared {
             vol,
             state: Mutex::new(State {
@@ -205,6 +330,8 @@ impl Applier {
             meta_path,
             events: Box::new(events),
             config,
+            changes: Mutex::new(changes),
+            capture: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel();
         let s = shared.clone();
@@ -221,12 +348,12 @@ impl Applier {
             .name(format!("fl {name}"))
             .spawn(move || flusher_loop(s))
             .expect("spawning flusher thread");
-        Applier {
+        Ok(Applier {
             tx: Some(tx),
             handle: ApplierHandle { shared },
             writer: Some(writer),
             flusher: Some(flusher),
-        }
+        })
     }
 
     pub fn handle(&self) -> ApplierHandle {
@@ -250,6 +377,9 @@ impl Applier {
         let mut m = h.meta.lock().unwrap();
         m.durable_seq = h.state.lock().unwrap().durable;
         m.store(&h.meta_path)?;
+        if let Some(p) = &h.config.changes_path {
+            h.changes.lock().unwrap().store(p, true)?;
+        }
         Ok(m.clone())
     }
 
@@ -301,6 +431,21 @@ fn writer_loop(s: Arc<Shared>, rx: mpsc::Receiver<Op>) {
             continue; // drain and drop: nothing after a failure is applied
         }
         let seq = op.seq();
+        let (offset, len) = match &op {
+            Op::Write { offset, data, .. } => (*offset, data.len() as u64),
+            Op::Zeroes { offset, len, .. } => (*offset, *len),
+            Op::Marker { .. } => (0, 0),
+        };
+        if len > 0 {
+            s.changes.lock().unwrap().mark(offset, len);
+            let cap = s.capture.lock().unwrap().clone();
+            if let Some(cap) = cap {
+                if let Err(e) = cap.preserve(offset, len) {
+                    fail(&s, seq, &e);
+                    continue;
+                }
+            }
+        }
         let (res, bytes) = match op {
             Op::Write {
                 offset,
@@ -424,11 +569,13 @@ mod tests {
             dir.join("d.meta.json"),
             ApplierConfig {
                 meta_interval: Duration::ZERO,
+                changes_path: Some(dir.join("d.changes")),
             },
             move |e| {
                 let _ = tx.lock().unwrap().send(e);
             },
-        );
+        )
+        .unwrap();
         (a, rx)
     }
 
@@ -617,6 +764,90 @@ mod tests {
         .unwrap();
         wait_durable(&rx, 1);
         assert_eq!(Arc::strong_count(&token), 1);
+        a.close().unwrap();
+    }
+
+    /// Copy-on-write capture: after the marker is released, writes to captured blocks do not
+    /// change what the snapshot reads.
+    #[test]
+    fn capture_sees_the_marker_image_while_writes_continue() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = Arc::new(MemVolume::new((4 * BLOCK) as usize));
+        let (a, rx) = start(vol.clone(), d.path(), 0);
+        let blk = |seq, b: u64, byte: u8| Op::Write {
+            seq,
+            offset: b * BLOCK,
+            data: Bytes::from(vec![byte; 4096]),
+            guard: None,
+        };
+        a.submit(blk(1, 0, 1)).unwrap();
+        a.submit(blk(2, 2, 2)).unwrap();
+        a.submit(Op::Marker {
+            seq: 3,
+            marker_id: 9,
+        })
+        .unwrap();
+        a.submit(blk(4, 0, 4)).unwrap(); // overwrites a captured block after the marker
+        a.submit(blk(5, 3, 5)).unwrap();
+        loop {
+            if let ApplierEvent::MarkerReached { .. } =
+                rx.recv_timeout(Duration::from_secs(10)).unwrap()
+            {
+                break;
+            }
+        }
+        let h = a.handle();
+        // No parent: every block is part of the capture.
+        let cap = h.begin_capture(None, "rp-1");
+        assert!(cap.full);
+        h.release_marker(9);
+        wait_durable(&rx, 5);
+        assert_eq!(vol.current()[0], 4, "the writer went on");
+        assert_eq!(
+            cap.take(0).unwrap()[0],
+            1,
+            "the capture kept the marker image"
+        );
+        assert_eq!(cap.take(2).unwrap()[0], 2);
+        assert_eq!(cap.take(3).unwrap()[0], 0);
+        h.end_capture(&cap, true);
+
+        // Relative to rp-1, only blocks 0 and 3 changed.
+        a.submit(Op::Marker {
+            seq: 6,
+            marker_id: 10,
+        })
+        .unwrap();
+        loop {
+            if let ApplierEvent::MarkerReached { .. } =
+                rx.recv_timeout(Duration::from_secs(10)).unwrap()
+            {
+                break;
+            }
+        }
+        let cap = h.begin_capture(Some("rp-1"), "rp-2");
+        assert!(!cap.full);
+        assert_eq!(
+            (0..4).filter(|b| cap.is_changed(*b)).collect::<Vec<_>>(),
+            vec![0, 3]
+        );
+        // A failed snapshot gives its changes back to the next one.
+        h.end_capture(&cap, false);
+        h.release_marker(10);
+        let cap = h.begin_capture(Some("rp-1"), "rp-2");
+        assert_eq!(cap.changed_count(), 2);
+        h.end_capture(&cap, true);
+        a.close().unwrap();
+
+        // Persisted clean on close; a running applier leaves it untrusted on disk.
+        let p = d.path().join("d.changes");
+        let m = ChangeMap::load(&p, 4 * BLOCK);
+        assert!(m.trusted && m.base.as_deref() == Some("rp-2"));
+        let (a, _rx) = start(vol, d.path(), 6);
+        assert!(
+            !ChangeMap::load(&p, 4 * BLOCK).trusted,
+            "a crash now must mean all changed"
+        );
         a.close().unwrap();
     }
 }

@@ -9,14 +9,18 @@
 //! * [`applier`] — the per-disk writer + group-commit flusher: only a completed flush moves the
 //!   durable sequence, and only the durable sequence is ever reported for acks.
 //! * [`meta`] — per-disk metadata written atomically (temp file, fsync, rename, fsync dir).
+//! * [`changes`] — which 512 KiB blocks changed since the last restore point.
+//! * [`snapshot`] — the local snapshot store: content-addressed blocks, atomic manifests.
 //! * [`fsutil`] — the crash-safe file helpers the rest uses.
 //!
 //! Architecture invariant: no function here reports a sequence as durable before the
 //! `fdatasync` covering it returned success.
 
 pub mod applier;
+pub mod changes;
 pub mod fsutil;
 pub mod meta;
+pub mod snapshot;
 pub mod volume;
 
 pub use applier::{Applier, ApplierEvent, ApplierHandle, Op};
@@ -36,6 +40,9 @@ pub enum StoreError {
     /// A metadata file exists but cannot be understood.
     #[error("metadata {path} is corrupt: {reason}")]
     CorruptMeta { path: String, reason: String },
+    /// No such restore point (or disk in it).
+    #[error("{0} not found")]
+    NotFound(String),
     /// An existing volume does not match what was asked for.
     #[error("volume {path} is {actual} bytes, expected at least {expected}")]
     TooSmall {
