@@ -80,6 +80,14 @@ impl Manifest {
     }
 }
 
+/// Which disk a manifest is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskShape<'a> {
+    pub id: &'a str,
+    pub size: u64,
+    pub block_size: u32,
+}
+
 /// Result of verifying a restore point.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
@@ -190,13 +198,16 @@ impl SnapshotStore {
     pub fn build_disk(
         &self,
         source: &str,
-        disk_id: &str,
-        size: u64,
-        block_size: u32,
+        disk: DiskShape<'_>,
         parent: Option<&DiskManifest>,
         changed: impl Fn(u64) -> bool,
         mut read: impl FnMut(u64) -> io::Result<Vec<u8>>,
     ) -> Result<DiskManifest, StoreError> {
+        let DiskShape {
+            id: disk_id,
+            size,
+            block_size,
+        } = disk;
         let n = blocks_for(size);
         let parent = parent.filter(|p| p.size == size && p.blocks.len() as u64 == n);
         let mut blocks = Vec::with_capacity(n as usize);
@@ -428,6 +439,14 @@ mod tests {
         }
     }
 
+    fn shape(size: u64) -> DiskShape<'static> {
+        DiskShape {
+            id: "d",
+            size,
+            block_size: 512,
+        }
+    }
+
     fn image(blocks: u64, seed: u8) -> Vec<u8> {
         // Every block distinct (content addressing would share equal blocks).
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed as u64;
@@ -469,7 +488,7 @@ mod tests {
         let mut img2 = img.clone();
         img2[(5 * BLOCK) as usize] ^= 0xff;
         let d2 = st
-            .build_disk("s", "d", size, 512, Some(&d1), |b| b == 5, read(&img2))
+            .build_disk("s", shape(size), Some(&d1), |b| b == 5, read(&img2))
             .unwrap();
         assert_eq!(d2.scanned_blocks, 1);
         assert_eq!(d2.stored_bytes, BLOCK);
@@ -502,7 +521,7 @@ mod tests {
         let img = image(2, 5);
         let read = move |b: u64| Ok(img[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize].to_vec());
         // Built but never committed: as if killed before the manifest.
-        st.build_disk("s", "d", 2 * BLOCK, 512, None, |_| true, read)
+        st.build_disk("s", shape(2 * BLOCK), None, |_| true, read)
             .unwrap();
         assert!(st.list(Some("s")).unwrap().is_empty());
         assert_eq!(st.sweep("s").unwrap(), 2 * BLOCK);
