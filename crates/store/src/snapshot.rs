@@ -477,7 +477,7 @@ mod tests {
             }
         };
         let d1 = st
-            .build_disk("s", "d", size, 512, None, |_| true, read(&img))
+            .build_disk("s", shape(size), None, |_| true, read(&img))
             .unwrap();
         assert_eq!(d1.blocks[2], ZERO);
         assert_eq!(d1.stored_bytes, size - BLOCK);
