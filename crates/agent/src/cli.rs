@@ -1,0 +1,327 @@
+//! The `slipway-agent` command line.
+//!
+//! Only this layer uses `anyhow`, sets up logging and chooses exit codes; everything below it
+//! returns typed errors, so the exit code is decided from what went wrong (permanent or not)
+//! rather than from where.
+
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use indicatif::MultiProgress;
+use slipway_net::Congestion;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat, RawArgs};
+use crate::run::{replicate, AgentError, Outcome, Progress};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "slipway-agent",
+    version,
+    about = "Slipway reference agent: replicates source disks to a Slipway replication server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replicate disks to a server: one full pass, or with --follow, continuously.
+    Replicate(ReplicateArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("trust").required(true).args(["server_ca", "server_fingerprint"])))]
+struct ReplicateArgs {
+    /// Replication server, HOST:PORT (HOST a DNS name or an IP address).
+    #[arg(long, value_name = "HOST:PORT")]
+    server: String,
+    /// Trust the server certificate if it chains to a CA in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    server_ca: Option<PathBuf>,
+    /// Trust exactly the server certificate with this SHA-256 fingerprint (hex).
+    #[arg(long, value_name = "SHA256HEX")]
+    server_fingerprint: Option<String>,
+    /// Name to check the certificate against (and send as SNI). Default: the host if it is
+    /// a DNS name, else "localhost".
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// Source server id this agent replicates as.
+    #[arg(long, value_name = "ID")]
+    source_id: String,
+    /// Credential for the source id.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "SLIPWAY_TOKEN",
+        hide_env_values = true
+    )]
+    token: String,
+    /// A disk to replicate: a file or block device, optionally with its id (default: the
+    /// file name). Repeat for more disks.
+    #[arg(long = "disk", value_name = "PATH[:DISK_ID]", required = true)]
+    disks: Vec<String>,
+    /// Keep replicating: rescan the disks every --rescan-interval until SIGINT/SIGTERM.
+    #[arg(long)]
+    follow: bool,
+    /// Time between follow-mode rescans.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    rescan_interval: String,
+    /// Logical block size: a power of two from 512 to 65536.
+    #[arg(long, value_name = "BYTES", default_value = "512")]
+    block_size: String,
+    /// Read size and largest write (at most 4MiB).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+    chunk_size: String,
+    /// Most unacknowledged data held in memory, all disks together.
+    #[arg(long, value_name = "SIZE", default_value = "128MiB")]
+    window: String,
+    /// Do not offer LZ4 compression.
+    #[arg(long)]
+    no_compress: bool,
+    /// Largest UDP payload (path MTU discovery upper bound).
+    #[arg(long, value_name = "BYTES", default_value_t = 6500)]
+    max_udp_payload: u16,
+    /// Congestion controller.
+    #[arg(long, value_name = "ALGO", default_value = "cubic", value_parser = parse_congestion)]
+    congestion: Congestion,
+    /// Append "<disk_id> <seq> <offset> <len>" for every acknowledged write (for tests).
+    #[arg(long, value_name = "FILE", hide = true)]
+    ack_journal: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+}
+
+fn parse_congestion(s: &str) -> Result<Congestion, String> {
+    s.parse()
+}
+
+/// Entry point of the `slipway-agent` binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Replicate(args) => match replicate_cmd(args) {
+            Ok(code) => code,
+            Err(e) => {
+                let code = e
+                    .downcast_ref::<AgentError>()
+                    .map_or(1, AgentError::exit_code);
+                eprintln!("error: {e:#}");
+                ExitCode::from(code)
+            }
+        },
+    }
+}
+
+fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let format = match args.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    };
+    let raw = RawArgs {
+        server: args.server,
+        server_ca: args.server_ca,
+        server_fingerprint: args.server_fingerprint,
+        server_name: args.server_name,
+        source_id: args.source_id,
+        token: args.token,
+        disks: args.disks,
+        follow: args.follow,
+        rescan_interval: args.rescan_interval,
+        block_size: args.block_size,
+        chunk_size: args.chunk_size,
+        window: args.window,
+        no_compress: args.no_compress,
+        max_udp_payload: args.max_udp_payload,
+        congestion: Some(args.congestion),
+        ack_journal: args.ack_journal,
+    };
+    let cfg = Config::from_raw(raw, |p| p.exists()).map_err(AgentError::from)?;
+    let follow = cfg.follow;
+
+    let terminal = std::io::stderr().is_terminal();
+    let mp = terminal.then(MultiProgress::new);
+    init_logging(format, terminal, mp.clone());
+    let progress = match mp {
+        Some(mp) => Progress::Bars(mp),
+        None => Progress::Lines,
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("slipway-agent")
+        .build()
+        .context("starting the async runtime")?;
+    let result = rt.block_on(replicate(cfg, progress));
+    // Readers blocked on a full disk read are not worth waiting for.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let summary = result?;
+
+    let mut err = std::io::stderr().lock();
+    for d in &summary.disks {
+        let _ = writeln!(err, "{d}");
+    }
+    Ok(match summary.outcome {
+        Outcome::Complete => ExitCode::SUCCESS,
+        Outcome::Stopped { .. } if follow => ExitCode::SUCCESS,
+        Outcome::Stopped { complete: true, .. } => ExitCode::SUCCESS,
+        Outcome::Stopped { .. } => {
+            let _ = writeln!(err, "error: interrupted before every disk was replicated");
+            ExitCode::from(1)
+        }
+    })
+}
+
+fn init_logging(format: LogFormat, terminal: bool, bars: Option<MultiProgress>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer = BarAwareStderr(bars);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(terminal && format == LogFormat::Text);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Writes log lines to stderr; with progress bars on screen, it lifts them out of the way
+/// for the line so logs and bars do not garble each other.
+#[derive(Clone)]
+struct BarAwareStderr(Option<MultiProgress>);
+
+impl<'a> MakeWriter<'a> for BarAwareStderr {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> LogLine {
+        LogLine {
+            buf: Vec::with_capacity(256),
+            bars: self.0.clone(),
+        }
+    }
+}
+
+/// One log event, written out whole when dropped.
+struct LogLine {
+    buf: Vec<u8>,
+    bars: Option<MultiProgress>,
+}
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let out = |buf: &[u8]| {
+            let _ = std::io::stderr().lock().write_all(buf);
+        };
+        match &self.bars {
+            Some(mp) => mp.suspend(|| out(&self.buf)),
+            None => out(&self.buf),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("slipway-agent").chain(args.iter().copied()))
+    }
+
+    const BASE: &[&str] = &[
+        "replicate",
+        "--server",
+        "127.0.0.1:7700",
+        "--source-id",
+        "web-01",
+        "--token",
+        "t",
+        "--disk",
+        "/dev/sda",
+    ];
+
+    #[test]
+    fn exactly_one_way_to_trust_the_server() {
+        let fp = "ab".repeat(32);
+        let mut a = BASE.to_vec();
+        assert!(parse(&a).is_err(), "no trust given");
+        a.extend(["--server-fingerprint", &fp]);
+        let Command::Replicate(r) = parse(&a).unwrap().command;
+        assert_eq!(r.server_fingerprint.as_deref(), Some(fp.as_str()));
+        assert_eq!(r.block_size, "512");
+        assert_eq!(r.chunk_size, "1MiB");
+        assert_eq!(r.window, "128MiB");
+        assert_eq!(r.rescan_interval, "10s");
+        assert_eq!(r.max_udp_payload, 6500);
+        assert_eq!(r.congestion, Congestion::Cubic);
+        a.extend(["--server-ca", "/ca.pem"]);
+        assert!(parse(&a).is_err(), "both given");
+    }
+
+    #[test]
+    fn flags_parse() {
+        let mut a = BASE.to_vec();
+        a.extend([
+            "--server-ca",
+            "/ca.pem",
+            "--disk",
+            "/tmp/b.img:data",
+            "--follow",
+            "--congestion",
+            "bbr",
+            "--no-compress",
+            "--log-format",
+            "json",
+            "--ack-journal",
+            "/tmp/j",
+        ]);
+        let Command::Replicate(r) = parse(&a).unwrap().command;
+        assert_eq!(r.disks, vec!["/dev/sda", "/tmp/b.img:data"]);
+        assert!(r.follow && r.no_compress);
+        assert_eq!(r.congestion, Congestion::Bbr);
+        assert!(matches!(r.log_format, LogFormatArg::Json));
+        assert_eq!(r.ack_journal, Some(PathBuf::from("/tmp/j")));
+        let mut bad = BASE.to_vec();
+        bad.extend(["--server-ca", "/ca.pem", "--congestion", "vegas"]);
+        assert!(parse(&bad).is_err());
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

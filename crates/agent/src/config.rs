@@ -1,0 +1,557 @@
+//! Validated settings of one `replicate` run.
+//!
+//! Flags are parsed in two phases, as ripgrep does: clap produces raw strings and numbers
+//! (`cli`), and this module turns them into typed, checked values. Everything here is pure
+//! (the one file-system question, "does this path exist", is passed in) so every rule a user
+//! can trip over is a unit test, and every error names the flag it is about.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use slipway_net::{tls::ServerTrust, Congestion};
+use slipway_proto::{valid_id, MAX_WRITE_LEN};
+use thiserror::Error;
+
+/// A flag value that cannot be used. Always permanent: retrying will not fix an argument.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{flag}: {value:?} is not a size (examples: 4096, 64KiB, 1MiB, 2GiB)")]
+    BadSize { flag: &'static str, value: String },
+    #[error("--{flag}: {value:?} is not a duration (examples: 10s, 500ms, 2m)")]
+    BadDuration { flag: &'static str, value: String },
+    #[error("--{flag}: {reason}")]
+    OutOfRange { flag: &'static str, reason: String },
+    #[error("--server: {0:?} is not HOST:PORT")]
+    BadServer(String),
+    #[error("--source-id: {0:?} is not a valid id (1-128 of A-Z a-z 0-9 . _ -, not starting with a dot)")]
+    BadSourceId(String),
+    #[error(
+        "--disk {spec:?}: disk id {id:?} is not valid (1-128 of A-Z a-z 0-9 . _ -, not \
+         starting with a dot); name it explicitly with PATH:DISK_ID"
+    )]
+    BadDiskId { spec: String, id: String },
+    #[error("--disk {0:?}: no path")]
+    EmptyDiskPath(String),
+    #[error("--disk: disk id {0:?} is given twice")]
+    DuplicateDiskId(String),
+    #[error("--disk: at least one disk is needed")]
+    NoDisks,
+    #[error("--token: the token is empty or longer than {max} bytes")]
+    BadToken { max: usize },
+}
+
+/// Parses a byte size: a number with an optional unit. `K`, `M`, `G`, `T` (with or without
+/// `iB`) are powers of 1024, `KB`, `MB`, `GB`, `TB` powers of 1000, `B` is bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    if digits == 0 {
+        return None;
+    }
+    let n: u64 = s[..digits].parse().ok()?;
+    let mult: u64 = match s[digits..].trim_start() {
+        "" | "B" | "b" => 1,
+        "K" | "k" | "KiB" | "kiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Parses a duration in humantime syntax (`10s`, `1m 30s`, `250ms`).
+pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim()).map_err(|_| ConfigError::BadDuration {
+        flag,
+        value: s.to_owned(),
+    })
+}
+
+fn size_flag(flag: &'static str, s: &str) -> Result<u64, ConfigError> {
+    parse_size(s).ok_or_else(|| ConfigError::BadSize {
+        flag,
+        value: s.to_owned(),
+    })
+}
+
+/// Where the server is: host (name or IP literal) and port, as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServerAddr {
+    /// Parses `HOST:PORT`, `IP:PORT` or `[IPv6]:PORT`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadServer(s.to_owned());
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest.split_once("]:").ok_or_else(bad)?;
+            (h, p)
+        } else {
+            let (h, p) = s.rsplit_once(':').ok_or_else(bad)?;
+            if h.contains(':') {
+                // A bare IPv6 address: the port cannot be told apart without brackets.
+                return Err(bad());
+            }
+            (h, p)
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(ServerAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The name TLS checks the certificate against when none is given: the host when it is
+    /// a DNS name; for an IP literal "localhost", the name the self-signed default carries.
+    pub fn default_server_name(&self) -> String {
+        if self.host.parse::<IpAddr>().is_ok() {
+            "localhost".to_owned()
+        } else {
+            self.host.clone()
+        }
+    }
+
+    /// `host:port` in the form `lookup_host` resolves.
+    pub fn lookup_string(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.lookup_string())
+    }
+}
+
+/// One `--disk` argument: which file or device, and the id the server knows it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub id: String,
+}
+
+impl DiskSpec {
+    /// Parses `PATH` or `PATH:DISK_ID`.
+    ///
+    /// Device paths often hold colons themselves (`/dev/disk/by-path/pci-0000:00:1f.2-ata-1`),
+    /// so a spec that names an existing file as a whole is a bare path; otherwise the part
+    /// after the last colon is the disk id.
+    pub fn parse(spec: &str, exists: impl Fn(&Path) -> bool) -> Result<Self, ConfigError> {
+        let (path, id) = match spec.rsplit_once(':') {
+            Some((p, id)) if !exists(Path::new(spec)) => (p, Some(id)),
+            _ => (spec, None),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::EmptyDiskPath(spec.to_owned()));
+        }
+        let path = PathBuf::from(path);
+        let id = match id {
+            Some(id) => id.to_owned(),
+            None => derive_disk_id(&path),
+        };
+        if !valid_id(&id) {
+            return Err(ConfigError::BadDiskId {
+                spec: spec.to_owned(),
+                id,
+            });
+        }
+        Ok(DiskSpec { path, id })
+    }
+}
+
+/// The default disk id: the file name of `path`, with every character outside
+/// `[A-Za-z0-9._-]` replaced by `_`. Not necessarily valid (".img", or too long); the caller
+/// checks.
+pub fn derive_disk_id(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Raw values of the `replicate` flags, as the command line gave them.
+#[derive(Debug, Clone, Default)]
+pub struct RawArgs {
+    pub server: String,
+    pub server_ca: Option<PathBuf>,
+    pub server_fingerprint: Option<String>,
+    pub server_name: Option<String>,
+    pub source_id: String,
+    pub token: String,
+    pub disks: Vec<String>,
+    pub follow: bool,
+    pub rescan_interval: String,
+    pub block_size: String,
+    pub chunk_size: String,
+    pub window: String,
+    pub no_compress: bool,
+    pub max_udp_payload: u16,
+    pub congestion: Option<Congestion>,
+    pub ack_journal: Option<PathBuf>,
+}
+
+/// Checked settings of a `replicate` run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerAddr,
+    pub server_name: String,
+    pub trust: ServerTrust,
+    pub source_id: String,
+    pub token: String,
+    pub disks: Vec<DiskSpec>,
+    pub follow: bool,
+    pub rescan_interval: Duration,
+    /// Logical block size: the unit of zero detection and of every offset and length sent.
+    pub block_size: u32,
+    /// Read unit, largest write, and the granularity of follow-mode change detection.
+    pub chunk_size: u32,
+    /// Most unacked payload bytes kept in memory across all disks.
+    pub window: u64,
+    pub compress: bool,
+    pub max_udp_payload: u16,
+    pub congestion: Congestion,
+    pub ack_journal: Option<PathBuf>,
+}
+
+/// Smallest and largest accepted `--block-size`.
+pub const BLOCK_SIZE_RANGE: (u32, u32) = (512, 65536);
+
+impl Config {
+    /// Validates raw flag values. `exists` answers whether a path names an existing file; it
+    /// only disambiguates `--disk` specs (see [`DiskSpec::parse`]).
+    pub fn from_raw(raw: RawArgs, exists: impl Fn(&Path) -> bool) -> Result<Self, ConfigError> {
+        let server = ServerAddr::parse(&raw.server)?;
+        let server_name = match raw.server_name {
+            Some(n) if !n.is_empty() => n,
+            _ => server.default_server_name(),
+        };
+        let trust = match (raw.server_ca, raw.server_fingerprint) {
+            (Some(ca), None) => ServerTrust::CaFile(ca),
+            (None, Some(fp)) => {
+                slipway_net::tls::parse_fingerprint(&fp).map_err(|e| ConfigError::OutOfRange {
+                    flag: "server-fingerprint",
+                    reason: e.to_string(),
+                })?;
+                ServerTrust::Fingerprint(fp)
+            }
+            _ => {
+                return Err(ConfigError::OutOfRange {
+                    flag: "server-ca",
+                    reason: "give exactly one of --server-ca and --server-fingerprint".into(),
+                })
+            }
+        };
+        if !valid_id(&raw.source_id) {
+            return Err(ConfigError::BadSourceId(raw.source_id));
+        }
+        if raw.token.is_empty() || raw.token.len() > slipway_proto::MAX_CREDENTIAL_LEN {
+            return Err(ConfigError::BadToken {
+                max: slipway_proto::MAX_CREDENTIAL_LEN,
+            });
+        }
+
+        let block = size_flag("block-size", &raw.block_size)?;
+        let (lo, hi) = BLOCK_SIZE_RANGE;
+        if !block.is_power_of_two() || block < lo.into() || block > hi.into() {
+            return Err(ConfigError::OutOfRange {
+                flag: "block-size",
+                reason: format!("{block} is not a power of two in {lo}..={hi}"),
+            });
+        }
+        let chunk = size_flag("chunk-size", &raw.chunk_size)?;
+        if chunk < block || chunk % block != 0 || chunk > u64::from(MAX_WRITE_LEN) {
+            return Err(ConfigError::OutOfRange {
+                flag: "chunk-size",
+                reason: format!(
+                    "{chunk} is not a multiple of the block size ({block}) of at most {MAX_WRITE_LEN}"
+                ),
+            });
+        }
+        let window = size_flag("window", &raw.window)?;
+        if window < chunk {
+            return Err(ConfigError::OutOfRange {
+                flag: "window",
+                reason: format!("{window} is smaller than one chunk ({chunk})"),
+            });
+        }
+        let rescan_interval = parse_duration("rescan-interval", &raw.rescan_interval)?;
+        if rescan_interval.is_zero() {
+            return Err(ConfigError::OutOfRange {
+                flag: "rescan-interval",
+                reason: "must be longer than zero".into(),
+            });
+        }
+        if raw.max_udp_payload < 1200 || raw.max_udp_payload > 65527 {
+            return Err(ConfigError::OutOfRange {
+                flag: "max-udp-payload",
+                reason: format!("{} is not in 1200..=65527", raw.max_udp_payload),
+            });
+        }
+
+        if raw.disks.is_empty() {
+            return Err(ConfigError::NoDisks);
+        }
+        let mut disks: Vec<DiskSpec> = Vec::with_capacity(raw.disks.len());
+        for spec in &raw.disks {
+            let d = DiskSpec::parse(spec, &exists)?;
+            if disks.iter().any(|o| o.id == d.id) {
+                return Err(ConfigError::DuplicateDiskId(d.id));
+            }
+            disks.push(d);
+        }
+
+        Ok(Config {
+            server,
+            server_name,
+            trust,
+            source_id: raw.source_id,
+            token: raw.token,
+            disks,
+            follow: raw.follow,
+            rescan_interval,
+            block_size: block as u32,
+            chunk_size: chunk as u32,
+            window,
+            compress: !raw.no_compress,
+            max_udp_payload: raw.max_udp_payload,
+            congestion: raw.congestion.unwrap_or(Congestion::Cubic),
+            ack_journal: raw.ack_journal,
+        })
+    }
+
+    /// The transport settings these flags ask for.
+    pub fn tuning(&self) -> slipway_net::Tuning {
+        slipway_net::Tuning {
+            max_udp_payload: self.max_udp_payload,
+            congestion: self.congestion,
+            ..slipway_net::Tuning::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawArgs {
+        RawArgs {
+            server: "127.0.0.1:7700".into(),
+            server_fingerprint: Some("ab".repeat(32)),
+            source_id: "web-01".into(),
+            token: "t0ken".into(),
+            disks: vec!["/dev/sda".into()],
+            rescan_interval: "10s".into(),
+            block_size: "512".into(),
+            chunk_size: "1MiB".into(),
+            window: "128MiB".into(),
+            max_udp_payload: 6500,
+            ..RawArgs::default()
+        }
+    }
+
+    fn never(_: &Path) -> bool {
+        false
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("128MiB"), Some(128 << 20));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("64 KiB"), Some(64 << 10));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size("1MB"), Some(1_000_000));
+        assert_eq!(parse_size("10B"), Some(10));
+        assert_eq!(parse_size("0"), Some(0));
+        for bad in [
+            "",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "1 XB",
+            "1MiBs",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+        // Overflow is refused, not wrapped.
+        assert_eq!(parse_size("16777216T"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("x", "10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(
+            parse_duration("x", "1m 30s").unwrap(),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            parse_duration("x", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(matches!(
+            parse_duration("rescan-interval", "10"),
+            Err(ConfigError::BadDuration {
+                flag: "rescan-interval",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn server_addresses_and_default_names() {
+        let a = ServerAddr::parse("replica.example.com:7700").unwrap();
+        assert_eq!(a.host, "replica.example.com");
+        assert_eq!(a.port, 7700);
+        assert_eq!(a.default_server_name(), "replica.example.com");
+        let a = ServerAddr::parse("10.0.0.5:7700").unwrap();
+        assert_eq!(a.default_server_name(), "localhost");
+        let a = ServerAddr::parse("[::1]:7700").unwrap();
+        assert_eq!(a.host, "::1");
+        assert_eq!(a.default_server_name(), "localhost");
+        assert_eq!(a.lookup_string(), "[::1]:7700");
+        for bad in [
+            "host",
+            "host:",
+            ":7700",
+            "host:0",
+            "host:70000",
+            "::1:7700",
+            "[::1]7700",
+        ] {
+            assert!(ServerAddr::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn disk_ids_are_derived_from_the_file_name() {
+        assert_eq!(derive_disk_id(Path::new("/dev/nvme0n1")), "nvme0n1");
+        assert_eq!(
+            derive_disk_id(Path::new("/tmp/my disk (1).img")),
+            "my_disk__1_.img"
+        );
+        assert_eq!(derive_disk_id(Path::new("/tmp/dísk")), "d_sk");
+        assert_eq!(derive_disk_id(Path::new("/")), "");
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d = DiskSpec::parse("/dev/sda", never).unwrap();
+        assert_eq!(d.path, PathBuf::from("/dev/sda"));
+        assert_eq!(d.id, "sda");
+        let d = DiskSpec::parse("/dev/sda:root", never).unwrap();
+        assert_eq!(d.path, PathBuf::from("/dev/sda"));
+        assert_eq!(d.id, "root");
+        // A path with colons that exists as given is a bare path.
+        let by_path = "/dev/disk/by-path/pci-0000:00:1f.2-ata-1";
+        let d = DiskSpec::parse(by_path, |p| p == Path::new(by_path)).unwrap();
+        assert_eq!(d.path, PathBuf::from(by_path));
+        assert_eq!(d.id, "pci-0000_00_1f.2-ata-1");
+        // ... and can still be named explicitly.
+        let spec = format!("{by_path}:boot");
+        let d = DiskSpec::parse(&spec, |p| p == Path::new(by_path)).unwrap();
+        assert_eq!(d.path, PathBuf::from(by_path));
+        assert_eq!(d.id, "boot");
+        assert!(matches!(
+            DiskSpec::parse("/tmp/.hidden", never),
+            Err(ConfigError::BadDiskId { .. })
+        ));
+        assert!(matches!(
+            DiskSpec::parse("/tmp/x:../up", never),
+            Err(ConfigError::BadDiskId { .. })
+        ));
+        assert!(matches!(
+            DiskSpec::parse(":id", never),
+            Err(ConfigError::EmptyDiskPath(_))
+        ));
+    }
+
+    #[test]
+    fn a_good_command_line_validates() {
+        let c = Config::from_raw(raw(), never).unwrap();
+        assert_eq!(c.block_size, 512);
+        assert_eq!(c.chunk_size, 1 << 20);
+        assert_eq!(c.window, 128 << 20);
+        assert_eq!(c.server_name, "localhost");
+        assert!(c.compress);
+        assert_eq!(c.congestion, Congestion::Cubic);
+        assert_eq!(c.disks[0].id, "sda");
+        assert_eq!(c.tuning().max_udp_payload, 6500);
+    }
+
+    #[test]
+    fn each_bad_flag_is_named() {
+        let check = |f: &dyn Fn(&mut RawArgs), flag: &str| {
+            let mut r = raw();
+            f(&mut r);
+            let e = Config::from_raw(r, never).unwrap_err();
+            assert!(e.to_string().contains(flag), "{e} should name {flag}");
+        };
+        check(&|r| r.block_size = "1000".into(), "--block-size");
+        check(&|r| r.block_size = "256".into(), "--block-size");
+        check(&|r| r.block_size = "128KiB".into(), "--block-size");
+        check(&|r| r.chunk_size = "1000".into(), "--chunk-size");
+        check(&|r| r.chunk_size = "8MiB".into(), "--chunk-size");
+        check(&|r| r.chunk_size = "lots".into(), "--chunk-size");
+        check(&|r| r.window = "512KiB".into(), "--window");
+        check(&|r| r.rescan_interval = "0s".into(), "--rescan-interval");
+        check(&|r| r.max_udp_payload = 1000, "--max-udp-payload");
+        check(&|r| r.source_id = "a/b".into(), "--source-id");
+        check(&|r| r.server = "nohost".into(), "--server");
+        check(
+            &|r| r.server_fingerprint = Some("zz".into()),
+            "--server-fingerprint",
+        );
+        check(&|r| r.server_ca = Some("/ca.pem".into()), "--server-ca");
+        check(&|r| r.token = String::new(), "--token");
+        check(&|r| r.disks = vec![], "--disk");
+        check(
+            &|r| r.disks = vec!["/a/sda".into(), "/b/sda".into()],
+            "--disk",
+        );
+    }
+
+    #[test]
+    fn explicit_server_name_wins() {
+        let mut r = raw();
+        r.server_name = Some("replica.internal".into());
+        assert_eq!(
+            Config::from_raw(r, never).unwrap().server_name,
+            "replica.internal"
+        );
+    }
+}

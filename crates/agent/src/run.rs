@@ -1,0 +1,665 @@
+//! One `replicate` run: the tasks around the state machine and how they end.
+//!
+//! Reading is decoupled from the network on purpose: a reader per disk (a blocking thread
+//! running one pass at a time) appends to the retained queues and waits only for the memory
+//! window, while connections come and go. A lost connection therefore costs a resend of the
+//! unacked suffix, never a reread, and a slow disk never stalls another's stream. The
+//! connection manager owns reconnecting; the marker task owns the one rule that spans disks.
+//!
+//! Exit policy: a permanent refusal or an unusable disk ends the run with exit code 2;
+//! anything a reconnect can fix is retried forever.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use slipway_net::tls::TlsError;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::changes::ChunkHashes;
+use crate::config::{Config, ConfigError};
+use crate::disk::{DiskError, SourceDisk};
+use crate::journal::{AckJournal, JournalError};
+use crate::plan::{PlannedOp, Planner};
+use crate::report::{self, ProgressMode};
+use crate::session::{self, Link, SessionError};
+use crate::state::{PassKind, Source};
+
+pub use crate::report::ProgressMode as Progress;
+
+/// Why a run ended badly.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("server trust: {0}")]
+    Tls(#[from] TlsError),
+    #[error("opening the {0}")]
+    JournalOpen(#[source] JournalError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// Whether only a human can fix this (bad arguments, unusable disk, permanent refusal).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            AgentError::Config(_)
+            | AgentError::Disk(_)
+            | AgentError::Tls(_)
+            | AgentError::JournalOpen(_) => true,
+            AgentError::Session(e) => e.is_permanent(),
+            AgentError::Internal(_) => false,
+        }
+    }
+
+    /// Process exit code: 2 for permanent errors, 1 for the rest.
+    pub fn exit_code(&self) -> u8 {
+        if self.is_permanent() {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// How a run that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every disk's full pass is durably acknowledged (without `--follow`).
+    Complete,
+    /// Stopped by a signal. `all_acked`: nothing sent was left unacknowledged; `complete`:
+    /// every disk had finished a full pass, all of it acknowledged.
+    Stopped { all_acked: bool, complete: bool },
+}
+
+/// Per-disk totals of a run.
+#[derive(Debug, Clone)]
+pub struct DiskSummary {
+    pub id: String,
+    pub payload_sent: u64,
+    pub payload_acked: u64,
+    pub zeroes_acked: u64,
+    /// From the start of the run until the disk's pass was acknowledged (or the run ended).
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for DiskSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mbps = self.payload_acked as f64 / self.seconds.max(1e-6) / 1e6;
+        write!(
+            f,
+            "disk {}: sent {} bytes, acked {} bytes (and {} bytes zeroed) in {:.2} s, {:.1} MB/s",
+            self.id, self.payload_sent, self.payload_acked, self.zeroes_acked, self.seconds, mbps
+        )
+    }
+}
+
+/// What [`replicate`] returns when it did not fail.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub outcome: Outcome,
+    pub disks: Vec<DiskSummary>,
+}
+
+/// State shared by the tasks of a run. The lock is never held across an await.
+pub(crate) struct Shared {
+    source: Mutex<Source>,
+    pub cfg: Config,
+    pub disks: Vec<Arc<SourceDisk>>,
+    /// Unacked window bytes still available to readers.
+    pub window: Semaphore,
+    /// Per disk: new ops to send.
+    pub send_wake: Vec<Notify>,
+    /// Per disk: a full pass was requested.
+    pub pass_wake: Vec<Notify>,
+    /// A disk's phase may have changed: report it now.
+    pub progress_now: Notify,
+    /// Something completed (an ack, a pass): re-check whether the run is done.
+    pub changed: Notify,
+    /// Largest write the current connection accepts.
+    pub max_write: AtomicU32,
+    stop: AtomicBool,
+    stop_notify: Notify,
+    pub journal: Option<Mutex<AckJournal>>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Source> {
+        // A panic elsewhere cannot leave Source half-updated in a way that matters more than
+        // stopping would; keep going with what is there.
+        self.source.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Stops the readers: no new ops are produced; what is queued still goes out.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.window.close();
+        self.stop_notify.notify_waiters();
+    }
+
+    async fn wait_stopped(&self) {
+        let n = self.stop_notify.notified();
+        if self.stopped() {
+            return;
+        }
+        n.await;
+    }
+
+    /// Gives window bytes back to the readers.
+    pub fn release_window(&self, bytes: u64) {
+        if bytes > 0 {
+            self.window.add_permits(bytes as usize);
+        }
+    }
+}
+
+/// Replicates the disks of `cfg` until done (or, with `--follow`, until SIGINT/SIGTERM).
+pub async fn replicate(cfg: Config, progress: ProgressMode) -> Result<RunSummary, AgentError> {
+    let disks = cfg
+        .disks
+        .iter()
+        .map(|s| SourceDisk::open(s, cfg.block_size).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let journal = cfg
+        .ack_journal
+        .as_deref()
+        .map(AckJournal::open)
+        .transpose()
+        .map_err(AgentError::JournalOpen)?;
+    let client_cfg = slipway_net::tls::client_config(&cfg.trust, &cfg.tuning())?;
+    for d in &disks {
+        info!(disk = %d.id, path = %d.path.display(), size = d.size, "source disk");
+    }
+
+    let n = disks.len();
+    let shared = Arc::new(Shared {
+        source: Mutex::new(Source::new(disks.iter().map(|d| (d.id.clone(), d.size)))),
+        window: Semaphore::new(cfg.window as usize),
+        send_wake: (0..n).map(|_| Notify::new()).collect(),
+        pass_wake: (0..n).map(|_| Notify::new()).collect(),
+        progress_now: Notify::new(),
+        changed: Notify::new(),
+        max_write: AtomicU32::new(cfg.chunk_size),
+        stop: AtomicBool::new(false),
+        stop_notify: Notify::new(),
+        journal: journal.map(Mutex::new),
+        disks,
+        cfg,
+    });
+    let started = Instant::now();
+
+    let (marker_tx, marker_rx) = mpsc::channel(64);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut producers = JoinSet::new();
+    let mut rescan_txs = Vec::with_capacity(n);
+    for disk in 0..n {
+        let (tx, rx) = mpsc::channel(16);
+        rescan_txs.push(tx);
+        producers.spawn(producer(shared.clone(), disk, rx));
+    }
+    let markers = tokio::spawn(marker_loop(shared.clone(), marker_rx, rescan_txs));
+    let link = Link::new(shared.clone(), client_cfg, marker_tx);
+    let mut conn = tokio::spawn(connection_manager(link, shutdown_rx.clone()));
+    let reporter = tokio::spawn(report::run(shared.clone(), progress, shutdown_rx));
+
+    let mut done_at: Vec<Option<Instant>> = vec![None; n];
+    let result = supervise(&shared, &mut conn, &mut producers, &mut done_at).await;
+
+    // Wind down: stop reading, close the connection politely, stop the helpers.
+    shared.stop();
+    let _ = shutdown_tx.send(true);
+    if !conn.is_finished()
+        && tokio::time::timeout(Duration::from_secs(3), &mut conn)
+            .await
+            .is_err()
+    {
+        conn.abort();
+    }
+    markers.abort();
+    producers.abort_all();
+    let _ = reporter.await;
+
+    let outcome = result?;
+    let s = shared.lock();
+    let end = started.elapsed().as_secs_f64();
+    let disks = (0..n)
+        .map(|d| {
+            let snap = s.snapshot(d);
+            DiskSummary {
+                id: snap.id,
+                payload_sent: snap.stats.payload_sent,
+                payload_acked: snap.stats.payload_acked,
+                zeroes_acked: snap.stats.zeroes_acked,
+                seconds: done_at[d].map_or(end, |t| (t - started).as_secs_f64()),
+            }
+        })
+        .collect();
+    Ok(RunSummary { outcome, disks })
+}
+
+/// Waits for the run to end: done, stopped by a signal, or failed.
+async fn supervise(
+    shared: &Arc<Shared>,
+    conn: &mut tokio::task::JoinHandle<Result<(), AgentError>>,
+    producers: &mut JoinSet<Result<(), AgentError>>,
+    done_at: &mut [Option<Instant>],
+) -> Result<Outcome, AgentError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let io = |e: std::io::Error| AgentError::Internal(format!("installing signal handlers: {e}"));
+    let mut sigint = signal(SignalKind::interrupt()).map_err(io)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(io)?;
+    let follow = shared.cfg.follow;
+    let started = Instant::now();
+    loop {
+        let changed = shared.changed.notified();
+        {
+            let s = shared.lock();
+            for (d, t) in done_at.iter_mut().enumerate() {
+                if t.is_none() && s.disk_done(d) {
+                    *t = Some(Instant::now());
+                    debug!(
+                        disk = s.disk_id(d),
+                        secs = started.elapsed().as_secs_f64(),
+                        "pass acknowledged"
+                    );
+                }
+            }
+            if !follow && s.all_done() {
+                return Ok(Outcome::Complete);
+            }
+        }
+        tokio::select! {
+            _ = changed => {}
+            r = &mut *conn => return Err(conn_ended(r)),
+            Some(r) = producers.join_next() => match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(AgentError::Internal(format!("disk reader: {e}"))),
+            },
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+
+    // A signal: stop reading, give outstanding acks a bounded chance to arrive.
+    shared.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    if !shared.lock().all_acked() {
+        info!("stopping: waiting up to 10 s for outstanding acknowledgements");
+    }
+    loop {
+        let changed = shared.changed.notified();
+        if shared.lock().all_acked() {
+            break;
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!("stopping with operations still unacknowledged");
+                break;
+            }
+            r = &mut *conn => return Err(conn_ended(r)),
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    let s = shared.lock();
+    Ok(Outcome::Stopped {
+        all_acked: s.all_acked(),
+        complete: s.all_done(),
+    })
+}
+
+fn conn_ended(r: Result<Result<(), AgentError>, tokio::task::JoinError>) -> AgentError {
+    match r {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => AgentError::Internal("the connection manager stopped on its own".into()),
+        Err(e) => AgentError::Internal(format!("connection manager: {e}")),
+    }
+}
+
+/// Exponential backoff with jitter: `base`, doubling up to `max`, each delay scaled by a
+/// random factor in [0.5, 1].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay; `jitter` in [0, 1) picks where in [0.5, 1] × the exponential step.
+    pub fn next_delay(&mut self, jitter: f64) -> Duration {
+        let step = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    }
+
+    /// Attempts since the last reset.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// A connection got established: the next failure starts from `base` again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Connects, and reconnects after every retryable failure, until shut down.
+async fn connection_manager(
+    link: Link,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut epoch = 0u64;
+    loop {
+        epoch += 1;
+        let mut established = false;
+        match session::run(&link, epoch, &mut shutdown, &mut established).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_permanent() || e.is_fatal() => return Err(e.into()),
+            Err(e) => {
+                if established {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay(rand::random::<f64>());
+                warn!(
+                    server = %link.server(),
+                    attempt = backoff.attempts(),
+                    "connection failed: {e}; reconnecting in {}",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = session::shutdown_requested(&mut shutdown) => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Places requested consistency markers, one at a time.
+async fn marker_loop(
+    shared: Arc<Shared>,
+    mut requests: mpsc::Receiver<u64>,
+    rescans: Vec<mpsc::Sender<oneshot::Sender<()>>>,
+) {
+    while let Some(marker_id) = requests.recv().await {
+        if shared.cfg.follow {
+            // The marker must cover every change already made when it was asked for.
+            let mut waits = Vec::with_capacity(rescans.len());
+            for tx in &rescans {
+                let (done, wait) = oneshot::channel();
+                if tx.send(done).await.is_ok() {
+                    waits.push(wait);
+                }
+            }
+            for w in waits {
+                let _ = w.await;
+            }
+        }
+        let seq = shared.lock().place_marker(marker_id);
+        for n in &shared.send_wake {
+            n.notify_one();
+        }
+        info!(marker_id, seq, "consistency marker placed");
+    }
+}
+
+/// How a pass ended.
+#[derive(Debug)]
+enum PassEnd {
+    Done,
+    /// A newer pass replaced this one.
+    Stale,
+    /// The run is stopping.
+    Stopped,
+}
+
+/// Runs the passes of one disk: full passes when the server asks for them, rescans in follow
+/// mode every `--rescan-interval` and when a marker needs one.
+async fn producer(
+    shared: Arc<Shared>,
+    disk: usize,
+    mut rescans: mpsc::Receiver<oneshot::Sender<()>>,
+) -> Result<(), AgentError> {
+    let cfg = &shared.cfg;
+    let id = shared.disks[disk].id.clone();
+    let mut hashes = cfg
+        .follow
+        .then(|| ChunkHashes::new(shared.disks[disk].size, cfg.chunk_size));
+    let mut next_rescan: Option<tokio::time::Instant> = None;
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut rescans_open = true;
+    loop {
+        if shared.stopped() {
+            return Ok(());
+        }
+        let due = next_rescan.is_some_and(|t| t <= tokio::time::Instant::now());
+        if due {
+            // Rearmed when the next pass completes.
+            next_rescan = None;
+        }
+        let (job, can_rescan) = {
+            let mut s = shared.lock();
+            match s.take_request(disk) {
+                Some(j) => (Some(j), false),
+                None if cfg.follow && (due || !waiters.is_empty()) => {
+                    (s.start_rescan(disk).map(|g| (PassKind::Follow, g)), false)
+                }
+                None => (None, s.can_rescan(disk)),
+            }
+        };
+        let Some((kind, gen)) = job else {
+            if !can_rescan {
+                // A full pass is running or due: a marker does not wait for it (the disk is
+                // not continuous, so the marker cannot make a restore point anyway).
+                for w in waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            }
+            tokio::select! {
+                _ = shared.pass_wake[disk].notified() => {}
+                w = rescans.recv(), if rescans_open => match w {
+                    Some(w) => waiters.push(w),
+                    None => rescans_open = false,
+                },
+                _ = sleep_until(next_rescan) => {}
+                _ = shared.wait_stopped() => return Ok(()),
+            }
+            continue;
+        };
+
+        let mut job_waiters = Vec::new();
+        if kind == PassKind::Follow {
+            job_waiters = std::mem::take(&mut waiters);
+        } else {
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+            info!(disk = %id, pass = kind.as_str(), "full pass starting");
+        }
+        let sh = shared.clone();
+        let h = hashes.take();
+        let rt = tokio::runtime::Handle::current();
+        let mut task = tokio::task::spawn_blocking(move || run_pass(&sh, &rt, disk, kind, gen, h));
+        let (end, h) = loop {
+            tokio::select! {
+                r = &mut task => break r.map_err(|e| AgentError::Internal(format!("disk reader: {e}")))?,
+                w = rescans.recv(), if rescans_open => match w {
+                    Some(w) if kind == PassKind::Follow => job_waiters.push(w),
+                    Some(w) => { let _ = w.send(()); }
+                    None => rescans_open = false,
+                },
+            }
+        };
+        hashes = h;
+        for w in job_waiters {
+            let _ = w.send(());
+        }
+        match end? {
+            PassEnd::Done => {
+                if kind.is_full() {
+                    info!(disk = %id, pass = kind.as_str(), "full pass read to the end");
+                }
+                if cfg.follow {
+                    next_rescan = Some(tokio::time::Instant::now() + cfg.rescan_interval);
+                }
+                shared.progress_now.notify_one();
+                shared.changed.notify_one();
+            }
+            PassEnd::Stale => debug!(disk = %id, "pass superseded"),
+            PassEnd::Stopped => return Ok(()),
+        }
+    }
+}
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One pass over a disk, on a blocking thread: read each chunk (waiting for window space
+/// first), plan it, append the ops under the lock. Returns the hash table back.
+fn run_pass(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    disk: usize,
+    kind: PassKind,
+    gen: u64,
+    mut hashes: Option<ChunkHashes>,
+) -> (Result<PassEnd, DiskError>, Option<ChunkHashes>) {
+    let r = pass_loop(shared, rt, disk, kind, gen, hashes.as_mut());
+    (r, hashes)
+}
+
+fn pass_loop(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    disk: usize,
+    kind: PassKind,
+    gen: u64,
+    mut hashes: Option<&mut ChunkHashes>,
+) -> Result<PassEnd, DiskError> {
+    let src = &shared.disks[disk];
+    let chunk = u64::from(shared.cfg.chunk_size);
+    let mut planner = Planner::new(shared.cfg.block_size, kind.zero_policy());
+    let mut ops: Vec<PlannedOp> = Vec::new();
+    let mut offset = 0u64;
+    while offset < src.size {
+        if shared.stopped() {
+            return Ok(PassEnd::Stopped);
+        }
+        let len = chunk.min(src.size - offset);
+        // Wait for room in the window before reading: memory stays bounded by --window.
+        let Ok(permit) = rt.block_on(shared.window.acquire_many(len as u32)) else {
+            return Ok(PassEnd::Stopped);
+        };
+        permit.forget();
+        let mut buf = vec![0u8; len as usize];
+        if let Err(e) = src.read_at(&mut buf, offset) {
+            shared.release_window(len);
+            return Err(e);
+        }
+        let data = Bytes::from(buf);
+        let hash = hashes.as_ref().map(|_| ChunkHashes::hash(&data));
+        let unchanged = kind == PassKind::Follow
+            && matches!((&hashes, hash), (Some(t), Some(h)) if !t.changed(offset, h));
+        let mut extra = 0;
+        if !unchanged {
+            let max_write = shared
+                .max_write
+                .load(Ordering::Relaxed)
+                .min(shared.cfg.chunk_size) as usize;
+            let shares = planner.chunk(offset, &data, max_write, &mut ops);
+            if shares {
+                let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
+                extra = len.saturating_sub(sent);
+            }
+        }
+        let had_ops = !ops.is_empty();
+        let r = shared
+            .lock()
+            .enqueue(disk, gen, &mut ops, extra, offset + len);
+        match r {
+            Ok(charged) => shared.release_window(len.saturating_sub(charged)),
+            Err(_) => {
+                shared.release_window(len);
+                return Ok(PassEnd::Stale);
+            }
+        }
+        if had_ops {
+            shared.send_wake[disk].notify_one();
+        }
+        if let (Some(t), Some(h)) = (hashes.as_deref_mut(), hash) {
+            t.record(offset, h);
+        }
+        offset += len;
+    }
+    planner.finish(&mut ops);
+    let mut s = shared.lock();
+    if s.enqueue(disk, gen, &mut ops, 0, src.size).is_err() || s.finish_pass(disk, gen).is_err() {
+        return Ok(PassEnd::Stale);
+    }
+    drop(s);
+    shared.send_wake[disk].notify_one();
+    Ok(PassEnd::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let full: Vec<_> = (0..8).map(|_| b.next_delay(1.0)).collect();
+        assert_eq!(
+            full.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
+            vec![200, 400, 800, 1600, 3200, 6400, 10000, 10000]
+        );
+        assert_eq!(b.attempts(), 8);
+        b.reset();
+        assert_eq!(b.next_delay(0.0), Duration::from_millis(100));
+        let d = b.next_delay(0.5);
+        assert_eq!(d, Duration::from_millis(300));
+        // Far along, no overflow.
+        for _ in 0..100 {
+            assert!(b.next_delay(0.99) <= Duration::from_secs(10));
+        }
+    }
+
+    #[test]
+    fn exit_codes() {
+        let e = AgentError::Config(ConfigError::NoDisks);
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(AgentError::Internal("x".into()).exit_code(), 1);
+    }
+}
