@@ -48,6 +48,58 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Restore points: crash-consistent snapshots of all disks of a source.
+    #[command(name = "restore-points")]
+    RestorePoints {
+        #[command(subcommand)]
+        cmd: RpCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RpCmd {
+    /// Take a restore point of a source now (through the running server); prints its id.
+    Create {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The source server.
+        #[arg(long)]
+        source: String,
+        /// Return only once the restore point exists.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List restore points, oldest first.
+    List {
+        #[command(flatten)]
+        dir: DirArgs,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one disk of a restore point as a raw image.
+    Export {
+        #[command(flatten)]
+        dir: DirArgs,
+        id: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Re-read every block of a restore point and check its SHA-256.
+    Verify {
+        #[command(flatten)]
+        dir: DirArgs,
+        id: String,
+    },
+    /// Delete a restore point (blocks younger ones still need are kept).
+    Delete {
+        #[command(flatten)]
+        dir: DirArgs,
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -144,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::RestorePoints { cmd } => restore_points(cmd),
         Cmd::Token {
             cmd: TokenCmd::Issue { dir, source_id },
         } => {
@@ -251,6 +304,138 @@ fn print_status(s: &slipway_server::status::StatusReport) {
         }
         if let Some(b) = &src.restore_points_blocked {
             println!("{:<20} no restore point yet: {b}", "");
+        }
+    }
+}
+
+fn store_of(s: &Settings) -> slipway_store::snapshot::SnapshotStore {
+    slipway_store::snapshot::SnapshotStore::new(s.data_dir.join("snapshots"))
+}
+
+fn find(s: &Settings, id: &str) -> Result<slipway_store::snapshot::Manifest> {
+    store_of(s)
+        .get(id)?
+        .with_context(|| format!("no restore point {id} in {}", s.data_dir.display()))
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn restore_points(cmd: RpCmd) -> Result<()> {
+    match cmd {
+        RpCmd::Create { dir, source, wait } => {
+            let s = dir.settings()?;
+            let timeout = if wait { Duration::from_secs(600) } else { Duration::from_secs(10) };
+            match admin::request(&s.data_dir, &Request::RestorePointCreate { source, wait }, timeout)? {
+                Response::RestorePointCreated { id, manifest } => {
+                    println!("{id}");
+                    if let Some(m) = manifest {
+                        eprintln!(
+                            "stored {} in {} ms (appliers paused {} ms)",
+                            human(m.size_bytes),
+                            m.duration_ms,
+                            m.pause_ms
+                        );
+                    }
+                    Ok(())
+                }
+                _ => bail!("unexpected answer from the server"),
+            }
+        }
+        RpCmd::List { dir, source, json } => {
+            let s = dir.settings()?;
+            let list = store_of(&s).list(source.as_deref())?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "id": m.id,
+                            "source": m.source,
+                            "created_at": rfc3339(m.created_unix_ms),
+                            "created_unix_ms": m.created_unix_ms,
+                            "trigger": m.trigger,
+                            "parent": m.parent,
+                            "marker_id": m.marker_id,
+                            "size_bytes": m.size_bytes,
+                            "pause_ms": m.pause_ms,
+                            "duration_ms": m.duration_ms,
+                            "disks": m.disks.iter().map(|d| serde_json::json!({
+                                "id": d.id,
+                                "size_bytes": d.size,
+                                "stored_bytes": d.stored_bytes,
+                                "scanned_blocks": d.scanned_blocks,
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if list.is_empty() {
+                println!("no restore points");
+            } else {
+                println!(
+                    "{:<26} {:<16} {:<25} {:<10} {:>10}  DISKS",
+                    "ID", "SOURCE", "CREATED", "TRIGGER", "STORED"
+                );
+                for m in &list {
+                    let disks: Vec<_> = m.disks.iter().map(|d| d.id.as_str()).collect();
+                    println!(
+                        "{:<26} {:<16} {:<25} {:<10} {:>10}  {}",
+                        m.id,
+                        m.source,
+                        rfc3339(m.created_unix_ms),
+                        m.trigger,
+                        human(m.size_bytes),
+                        disks.join(",")
+                    );
+                }
+            }
+            Ok(())
+        }
+        RpCmd::Export { dir, id, disk, out } => {
+            let s = dir.settings()?;
+            let m = find(&s, &id)?;
+            let n = store_of(&s).export(&m, &disk, &out)?;
+            eprintln!("wrote {} ({}) of {id} to {}", disk, human(n), out.display());
+            Ok(())
+        }
+        RpCmd::Verify { dir, id } => {
+            let s = dir.settings()?;
+            let m = find(&s, &id)?;
+            let r = store_of(&s).verify(&m);
+            for p in &r.problems {
+                println!("BAD {p}");
+            }
+            if !r.problems.is_empty() {
+                bail!("{} of restore point {id} failed verification", r.problems.len());
+            }
+            println!(
+                "{id}: ok ({} blocks, {} checked)",
+                r.blocks_checked,
+                human(r.bytes_checked)
+            );
+            Ok(())
+        }
+        RpCmd::Delete { dir, id } => {
+            let s = dir.settings()?;
+            let req = Request::RestorePointDelete { id: id.clone() };
+            match admin::request(&s.data_dir, &req, Duration::from_secs(600)) {
+                Ok(Response::RestorePointDeleted { freed_bytes, .. }) => {
+                    println!("deleted {id} (freed {})", human(freed_bytes));
+                    Ok(())
+                }
+                Ok(_) => bail!("unexpected answer from the server"),
+                Err(admin::AdminError::NotRunning { .. }) => {
+                    // No server: delete in place (the data-dir lock keeps a server from starting
+                    // meanwhile).
+                    let _lock = slipway_server::lock_data_dir(&s.data_dir)?;
+                    let freed = store_of(&s).delete(&id)?;
+                    println!("deleted {id} (freed {})", human(freed));
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }

@@ -24,14 +24,36 @@ use crate::Inner;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Take a restore point of a source now; with `wait`, answer once it exists.
+    RestorePointCreate {
+        source: String,
+        wait: bool,
+    },
+    /// Delete a restore point by id.
+    RestorePointDelete {
+        id: String,
+    },
 }
 
 /// Answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
-    Status { status: StatusReport },
-    Error { message: String },
+    Status {
+        status: StatusReport,
+    },
+    RestorePointCreated {
+        id: String,
+        /// The manifest, when the request waited for it.
+        manifest: Option<Box<slipway_store::snapshot::Manifest>>,
+    },
+    RestorePointDeleted {
+        id: String,
+        freed_bytes: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Error)]

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 mod http;
 pub mod metrics;
+pub mod restore;
 mod session;
 pub mod settings;
 pub mod status;
@@ -93,13 +94,14 @@ pub(crate) struct Inner {
     pub disks: Mutex<BTreeMap<(String, String), Arc<DiskSlot>>>,
     /// Live connection per source, with a generation so a late cleanup does not evict its
     /// successor.
-    pub sessions: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    pub sessions: Mutex<HashMap<String, (u64, Arc<session::Conn>)>>,
     pub next_session: AtomicU64,
     pub throttle: Option<Throttle>,
     /// Server-wide budget of received-but-not-yet-written payload bytes.
     pub memory: Arc<Semaphore>,
     shutting_down: AtomicBool,
     pub shutdown: watch::Receiver<bool>,
+    pub rp: restore::RestorePoints,
 }
 
 impl Inner {
@@ -160,6 +162,19 @@ impl Inner {
                 .with_label_values(&l)
                 .set(st.replicated_bytes as i64);
         }
+        let now_ms = restore::now_ms();
+        for (source, (count, newest, stored)) in self.rp.summary.lock().unwrap().iter() {
+            let rp = &m.restore_points;
+            rp.count.with_label_values(&[source]).set(*count as i64);
+            rp.stored_bytes
+                .with_label_values(&[source])
+                .set(*stored as i64);
+            if let Some(t) = newest {
+                rp.newest_age_seconds
+                    .with_label_values(&[source])
+                    .set(now_ms.saturating_sub(*t) as f64 / 1000.0);
+            }
+        }
         m.render()
     }
 
@@ -177,19 +192,14 @@ impl Inner {
                     peer: None,
                     disks: vec![],
                     restore_points_blocked: None,
+                    restore_points: 0,
+                    newest_restore_point_age_seconds: None,
                 });
             src.connected |= st.connected;
             if st.connected {
                 src.peer = st.peer.clone();
             }
             let state = st.state(now, stall);
-            if state != status::ReplState::Continuous && src.restore_points_blocked.is_none() {
-                src.restore_points_blocked = Some(format!(
-                    "disk {} is {}, not continuous",
-                    slot.disk,
-                    state.as_str()
-                ));
-            }
             src.disks.push(DiskReport {
                 id: slot.disk.clone(),
                 state,
@@ -211,6 +221,14 @@ impl Inner {
                 rate_bytes_per_second: st.rate,
             });
         }
+        for src in sources.values_mut() {
+            src.restore_points_blocked = self.rp_blocker(&src.id);
+            if let Some((count, newest, _)) = self.rp.summary.lock().unwrap().get(&src.id) {
+                src.restore_points = *count;
+                src.newest_restore_point_age_seconds =
+                    newest.map(|t| restore::now_ms().saturating_sub(t) as f64 / 1000.0);
+            }
+        }
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
             listen: self.settings.listen.to_string(),
@@ -225,6 +243,46 @@ impl Inner {
         match req {
             admin::Request::Status => admin::Response::Status {
                 status: self.status_report(),
+            },
+            admin::Request::RestorePointCreate { source, wait } => {
+                let id = restore::new_id();
+                if let Some(reason) = self.rp_blocker(&source) {
+                    return admin::Response::Error {
+                        message: format!(
+                            "source {source} cannot have a restore point now: {reason}"
+                        ),
+                    };
+                }
+                if wait {
+                    match self
+                        .take_restore_point(&source, id, restore::Trigger::OnDemand)
+                        .await
+                    {
+                        Ok(m) => admin::Response::RestorePointCreated {
+                            id: m.id.clone(),
+                            manifest: Some(Box::new(m)),
+                        },
+                        Err(e) => admin::Response::Error {
+                            message: e.to_string(),
+                        },
+                    }
+                } else {
+                    let me = self.clone();
+                    let idc = id.clone();
+                    tokio::spawn(async move {
+                        let _ = me
+                            .take_restore_point(&source, idc, restore::Trigger::OnDemand)
+                            .await;
+                    });
+                    admin::Response::RestorePointCreated { id, manifest: None }
+                }
+            }
+            admin::Request::RestorePointDelete { id } => match self.delete_restore_point(&id).await
+            {
+                Ok(freed_bytes) => admin::Response::RestorePointDeleted { id, freed_bytes },
+                Err(e) => admin::Response::Error {
+                    message: e.to_string(),
+                },
             },
         }
     }
@@ -262,8 +320,13 @@ impl Inner {
     }
 }
 
-/// Holds an exclusive `flock` on `DATA_DIR/slipway.lock` for the life of the server.
-struct DirLock {
+/// Takes the data dir's exclusive lock (as the server does), for offline maintenance.
+pub fn lock_data_dir(dir: &Path) -> Result<DirLock, ServerError> {
+    DirLock::acquire(dir)
+}
+
+/// Holds an exclusive `flock` on `DATA_DIR/slipway.lock` until dropped.
+pub struct DirLock {
     _file: std::fs::File,
 }
 
@@ -346,8 +409,20 @@ pub async fn run(
         next_session: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         shutdown: shutdown_rx,
+        rp: restore::RestorePoints::new(slipway_store::snapshot::SnapshotStore::new(
+            dir.join("snapshots"),
+        )),
     });
     inner.load_known_disks()?;
+    // Blocks of restore points interrupted by a crash are unreferenced: sweep them.
+    for source in inner.rp.store.sources() {
+        let freed = inner.rp.store.sweep(&source)?;
+        if freed > 0 {
+            tracing::info!(%source, freed_bytes = freed, "removed blocks of an interrupted restore point");
+        }
+        inner.rp.refresh(&source)?;
+    }
+    let scheduler = tokio::spawn(inner.clone().schedule());
 
     let http_task = tokio::spawn(http::serve(http, inner.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_sock, inner.clone()));
@@ -391,6 +466,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     http_task.abort();
     admin_task.abort();
+    scheduler.abort();
     let _ = std::fs::remove_file(admin::socket_path(&dir));
     Ok(())
 }

@@ -50,17 +50,20 @@ struct AckState {
     failed: Option<String>,
 }
 
+/// Routes `MarkerReached` events of a connection's disks to whoever waits for that marker.
+pub(crate) type MarkerRouter = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<(String, Instant)>>>>;
+
 /// A disk opened by this connection.
-struct OpenDisk {
+pub(crate) struct OpenDisk {
     handle: u32,
-    slot: Arc<DiskSlot>,
+    pub slot: Arc<DiskSlot>,
     size: u64,
     block_size: u32,
     /// Sequence durable when the disk was opened: writes must be above it.
     start_seq: u64,
     applier: Mutex<Option<Applier>>,
     /// Cleared at cleanup to break the applier → events → handle cycle.
-    handle_cell: Arc<Mutex<Option<ApplierHandle>>>,
+    pub handle_cell: Arc<Mutex<Option<ApplierHandle>>>,
     acks: watch::Receiver<AckState>,
     queue: Arc<tokio::sync::Semaphore>,
     latency: Arc<Mutex<VecDeque<(u64, Instant)>>>,
@@ -70,14 +73,24 @@ struct OpenDisk {
     received_writes: prometheus::IntCounter,
 }
 
-struct Conn {
+pub(crate) struct Conn {
     inner: Arc<Inner>,
     conn: quinn::Connection,
-    source: String,
+    pub source: String,
     agent_run: u64,
     peer: SocketAddr,
-    disks: Mutex<HashMap<u32, Arc<OpenDisk>>>,
+    pub disks: Mutex<HashMap<u32, Arc<OpenDisk>>>,
     next_handle: AtomicU32,
+    /// Frames for the control loop to send (marker requests).
+    pub ctl_tx: mpsc::UnboundedSender<Frame>,
+    pub markers: MarkerRouter,
+}
+
+impl Conn {
+    /// Closes the connection (used when a newer one of the same source arrives).
+    pub fn close(&self, code: quinn::VarInt, reason: &[u8]) {
+        self.conn.close(code, reason);
+    }
 }
 
 /// Runs one connection to its end.
@@ -197,24 +210,12 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         .with_label_values(&["accepted"])
         .inc();
     inner.metrics.agents_connected.inc();
-    let generation = inner.next_session.fetch_add(1, Ordering::Relaxed);
-    let previous = inner
-        .sessions
-        .lock()
-        .unwrap()
-        .insert(negotiated.source_id.clone(), (generation, conn.clone()));
-    if let Some((_, old)) = previous {
-        tracing::info!(source = %negotiated.source_id, "new connection supersedes the previous one");
-        old.close(
-            CLOSE_SUPERSEDED,
-            b"superseded by a newer connection of this source",
-        );
-    }
     let span = tracing::info_span!("session", source = %negotiated.source_id, %peer);
     let _e = span.enter();
     tracing::info!(agent = %negotiated.peer_version, lz4 = negotiated.lz4(), "agent connected");
     drop(_e);
 
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let c = Arc::new(Conn {
         inner: inner.clone(),
         conn: conn.clone(),
@@ -223,8 +224,23 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         peer,
         disks: Mutex::new(HashMap::new()),
         next_handle: AtomicU32::new(1),
+        ctl_tx,
+        markers: Arc::new(Mutex::new(HashMap::new())),
     });
-    let reason = control_loop(&c, ctl_send, ctl_recv).await;
+    let generation = inner.next_session.fetch_add(1, Ordering::Relaxed);
+    let previous = inner
+        .sessions
+        .lock()
+        .unwrap()
+        .insert(negotiated.source_id.clone(), (generation, c.clone()));
+    if let Some((_, old)) = previous {
+        tracing::info!(source = %negotiated.source_id, "new connection supersedes the previous one");
+        old.close(
+            CLOSE_SUPERSEDED,
+            b"superseded by a newer connection of this source",
+        );
+    }
+    let reason = control_loop(&c, ctl_send, ctl_recv, ctl_rx).await;
     tracing::info!(source = %c.source, %peer, reason = %reason, "agent disconnected");
     cleanup(&c).await;
     inner.metrics.agents_connected.dec();
@@ -252,6 +268,7 @@ async fn control_loop(
     c: &Arc<Conn>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    mut outgoing: mpsc::UnboundedReceiver<Frame>,
 ) -> String {
     // A dedicated reader: read_frame is not cancel-safe, a channel receive is.
     let (ftx, mut frx) = mpsc::channel::<Result<Frame, FrameIoError>>(16);
@@ -298,6 +315,11 @@ async fn control_loop(
                         c.conn.close(CLOSE_PROTOCOL, msg.as_bytes());
                         break msg;
                     }
+                }
+            }
+            Some(f) = outgoing.recv() => {
+                if write_frame(&mut send, &f).await.is_err() {
+                    break "control stream write failed".into();
                 }
             }
             s = c.conn.accept_bi() => match s {
@@ -521,6 +543,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         let durable_bytes = m.durable_bytes.with_label_values(&labels);
         let disk_errors = m.disk_errors.with_label_values(&labels);
         let (src, disk) = (c.source.clone(), d.disk_id.clone());
+        let router = c.markers.clone();
         move |ev: ApplierEvent| match ev {
             ApplierEvent::Durable {
                 seq,
@@ -557,9 +580,15 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 }
             }
             ApplierEvent::MarkerReached { marker_id, .. } => {
-                // No snapshot coordinator yet: let the writer continue at once.
-                if let Some(h) = cell.lock().unwrap().clone() {
-                    h.release_marker(marker_id);
+                let waiter = router.lock().unwrap().get(&marker_id).cloned();
+                let delivered =
+                    waiter.is_some_and(|tx| tx.send((disk.clone(), Instant::now())).is_ok());
+                if !delivered {
+                    // Nobody takes a restore point at this marker (a resent or abandoned one):
+                    // let the writer continue at once.
+                    if let Some(h) = cell.lock().unwrap().clone() {
+                        h.release_marker(marker_id);
+                    }
                 }
             }
             ApplierEvent::Failed { seq, error, .. } => {

@@ -249,6 +249,12 @@ pub struct SourceReport {
     /// Why no restore point can be taken now, if none can.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_points_blocked: Option<String>,
+    /// Restore points kept for the source.
+    #[serde(default)]
+    pub restore_points: usize,
+    /// Age of the newest restore point (the recovery point objective).
+    #[serde(default)]
+    pub newest_restore_point_age_seconds: Option<f64>,
 }
 
 /// The whole server in `slipway status --json`.

@@ -27,6 +27,18 @@ pub use applier::{Applier, ApplierEvent, ApplierHandle, Op};
 pub use meta::DiskMeta;
 pub use volume::{FileVolume, Volume};
 
+/// Crash-test hook: when the environment variable `SLIPWAY_FAILPOINT` equals `name`, the
+/// process aborts right here — a `kill -9` at an exact, otherwise unreachable moment. Costs one
+/// cached environment lookup when unset.
+pub fn failpoint(name: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("SLIPWAY_FAILPOINT").ok());
+    if armed.as_deref() == Some(name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
 /// Errors at the store's boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

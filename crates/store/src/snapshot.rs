@@ -278,6 +278,7 @@ impl SnapshotStore {
         let p = dir.join(format!("{id}.json"));
         fs::remove_file(&p).map_err(io_at("removing", &p))?;
         fsync_dir(&dir)?;
+        crate::failpoint("prune-before-sweep");
         self.sweep(&m.source)
     }
 
@@ -296,6 +297,7 @@ impl SnapshotStore {
                 if !live.contains(&name) {
                     freed += f.metadata().map(|m| m.len()).unwrap_or(0);
                     fs::remove_file(f.path()).map_err(io_at("removing", &f.path()))?;
+                    crate::failpoint("prune-mid-sweep");
                 }
             }
         }
