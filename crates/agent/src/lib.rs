@@ -22,4 +22,4 @@ mod session;
 pub mod state;
 
 pub use config::{Config, ConfigError};
-pub use run::{replicate, AgentError, Outcome, RunSummary};
+pub use run::{replicate, replicate_until, AgentError, Outcome, Progress, RunSummary};

@@ -34,6 +34,11 @@ pub enum ZeroPolicy {
     /// The volume may hold anything: zero runs are sent as `WriteZeroes`, coalesced across
     /// chunks while they are contiguous.
     Send,
+    /// Follow mode, where only changed chunks are planned: a chunk goes whole, as one
+    /// `WriteZeroes` if it is now all zero, else as writes of all of it. One large op per
+    /// change is cheaper for the server than many small ones, and LZ4 makes the zero blocks
+    /// inside a write nearly free on the wire.
+    WholeChunk,
 }
 
 /// Whether every byte is zero. Word-at-a-time so it runs at memory speed on zero data and
@@ -95,6 +100,15 @@ impl Planner {
     ) -> bool {
         let max_write = (max_write / self.block * self.block).max(self.block);
         let first = out.len();
+        if self.zeroes == ZeroPolicy::WholeChunk {
+            if is_zero(data) {
+                self.zero_run(offset, data.len() as u64, out);
+                return false;
+            }
+            self.flush(out);
+            self.writes(offset, data, 0, data.len(), max_write, out);
+            return true;
+        }
         let mut pos = 0;
         while pos < data.len() {
             let zero = is_zero(&data[pos..(pos + self.block).min(data.len())]);
@@ -110,15 +124,7 @@ impl Planner {
                 self.zero_run(offset + pos as u64, (end - pos) as u64, out);
             } else {
                 self.flush(out);
-                let mut s = pos;
-                while s < end {
-                    let e = (s + max_write).min(end);
-                    out.push(PlannedOp::Write {
-                        offset: offset + s as u64,
-                        data: data.slice(s..e),
-                    });
-                    s = e;
-                }
+                self.writes(offset, data, pos, end, max_write, out);
             }
             pos = end;
         }
@@ -135,6 +141,27 @@ impl Planner {
             return false;
         }
         true
+    }
+
+    /// Writes of `data[start..end]`, at most `max_write` each.
+    fn writes(
+        &self,
+        offset: u64,
+        data: &Bytes,
+        start: usize,
+        end: usize,
+        max_write: usize,
+        out: &mut Vec<PlannedOp>,
+    ) {
+        let mut s = start;
+        while s < end {
+            let e = (s + max_write).min(end);
+            out.push(PlannedOp::Write {
+                offset: offset + s as u64,
+                data: data.slice(s..e),
+            });
+            s = e;
+        }
     }
 
     /// Ends the pass (or a contiguous stretch of it): emits the held-back zero run, if any.
@@ -282,6 +309,30 @@ mod tests {
     fn non_contiguous_chunks_do_not_merge_zero_runs() {
         // Follow mode plans only changed chunks; a gap ends the held-back zero run.
         let mut p = Planner::new(B as u32, ZeroPolicy::Send);
+        let mut out = vec![];
+        p.chunk(0, &chunk("00"), 1 << 20, &mut out);
+        p.chunk(10 * B as u64, &chunk("00"), 1 << 20, &mut out);
+        p.finish(&mut out);
+        assert_eq!(shape(&out), vec![('Z', 0, 2), ('Z', 10, 2)]);
+    }
+
+    #[test]
+    fn changed_chunks_go_whole() {
+        // Follow mode: one write for a chunk with data (zero blocks included), one zero op
+        // for a chunk that is now all zero, coalesced with an adjacent one.
+        assert_eq!(
+            plan(
+                ZeroPolicy::WholeChunk,
+                &["a0b0", "0000", "0000", "00c0"],
+                1 << 20
+            ),
+            vec![('W', 0, 4), ('Z', 4, 8), ('W', 12, 4)]
+        );
+        assert_eq!(
+            plan(ZeroPolicy::WholeChunk, &["aaaa"], 2 * B),
+            vec![('W', 0, 2), ('W', 2, 2)]
+        );
+        let mut p = Planner::new(B as u32, ZeroPolicy::WholeChunk);
         let mut out = vec![];
         p.chunk(0, &chunk("00"), 1 << 20, &mut out);
         p.chunk(10 * B as u64, &chunk("00"), 1 << 20, &mut out);

@@ -168,6 +168,34 @@ impl Shared {
 
 /// Replicates the disks of `cfg` until done (or, with `--follow`, until SIGINT/SIGTERM).
 pub async fn replicate(cfg: Config, progress: ProgressMode) -> Result<RunSummary, AgentError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let io = |e: std::io::Error| AgentError::Internal(format!("installing signal handlers: {e}"));
+    let mut sigint = signal(SignalKind::interrupt()).map_err(io)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(io)?;
+    let (tx, rx) = mpsc::channel(4);
+    let forward = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => {}
+            }
+            if tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let r = replicate_until(cfg, progress, rx).await;
+    forward.abort();
+    r
+}
+
+/// [`replicate`] with the stop requests coming from `stop` instead of signals: the first
+/// stops reading and waits up to 10 s for outstanding acks, a second stops at once.
+pub async fn replicate_until(
+    cfg: Config,
+    progress: ProgressMode,
+    stop: mpsc::Receiver<()>,
+) -> Result<RunSummary, AgentError> {
     let disks = cfg
         .disks
         .iter()
@@ -216,7 +244,7 @@ pub async fn replicate(cfg: Config, progress: ProgressMode) -> Result<RunSummary
     let reporter = tokio::spawn(report::run(shared.clone(), progress, shutdown_rx));
 
     let mut done_at: Vec<Option<Instant>> = vec![None; n];
-    let result = supervise(&shared, &mut conn, &mut producers, &mut done_at).await;
+    let result = supervise(&shared, &mut conn, &mut producers, &mut done_at, stop).await;
 
     // Wind down: stop reading, close the connection politely, stop the helpers.
     shared.stop();
@@ -256,11 +284,9 @@ async fn supervise(
     conn: &mut tokio::task::JoinHandle<Result<(), AgentError>>,
     producers: &mut JoinSet<Result<(), AgentError>>,
     done_at: &mut [Option<Instant>],
+    mut stop: mpsc::Receiver<()>,
 ) -> Result<Outcome, AgentError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let io = |e: std::io::Error| AgentError::Internal(format!("installing signal handlers: {e}"));
-    let mut sigint = signal(SignalKind::interrupt()).map_err(io)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(io)?;
+    let mut stop_open = true;
     let follow = shared.cfg.follow;
     let started = Instant::now();
     loop {
@@ -289,8 +315,10 @@ async fn supervise(
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(AgentError::Internal(format!("disk reader: {e}"))),
             },
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            r = stop.recv(), if stop_open => match r {
+                Some(()) => break,
+                None => stop_open = false,
+            },
         }
     }
 
@@ -312,8 +340,10 @@ async fn supervise(
                 break;
             }
             r = &mut *conn => return Err(conn_ended(r)),
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            Some(()) = stop.recv(), if stop_open => {
+                warn!("stopping at once");
+                break;
+            }
         }
     }
     let s = shared.lock();

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use slipway_net::{read_frame, write_frame, write_write, FrameIoError};
 use slipway_proto::{
-    features, ClientHandshake, DiskOpen, ErrorFrame, Frame, HandshakeError, Hello, Progress,
-    StreamBind, MAX_BODY_LEN, NO_HANDLE,
+    features, ClientHandshake, DiskOpen, ErrorCode, ErrorFrame, Frame, HandshakeError, Hello,
+    Progress, StreamBind, MAX_BODY_LEN, NO_HANDLE,
 };
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -96,6 +96,31 @@ fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
     (0x100..0x200).contains(&u64::from(code))
 }
 
+/// The server's application close code for a refused credential (docs/protocol.md §10).
+const CLOSE_UNAUTHORIZED: u32 = 2;
+
+/// The connection error underneath a stream or connection failure, if that is what it was.
+fn connection_error(e: &SessionError) -> Option<&quinn::ConnectionError> {
+    match e {
+        SessionError::Connection(c)
+        | SessionError::Write(quinn::WriteError::ConnectionLost(c))
+        | SessionError::Read(FrameIoError::Read(quinn::ReadError::ConnectionLost(c))) => Some(c),
+        _ => None,
+    }
+}
+
+/// The server closes with CLOSE_UNAUTHORIZED right after its Unauthorized error frame; when
+/// the close wins the race the refusal must still read, and count, as one.
+fn refine(e: SessionError) -> SessionError {
+    if let Some(quinn::ConnectionError::ApplicationClosed(c)) = connection_error(&e) {
+        if c.error_code == quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED) {
+            let why = String::from_utf8_lossy(&c.reason).into_owned();
+            return SessionError::Refused(ErrorFrame::new(ErrorCode::Unauthorized, why));
+        }
+    }
+    e
+}
+
 /// What every connection of a run needs.
 pub(crate) struct Link {
     shared: Arc<Shared>,
@@ -159,7 +184,9 @@ pub(crate) async fn run(
         r = connect => r?,
         _ = shutdown_requested(shutdown) => return Ok(()),
     };
-    let r = drive(link, &conn, epoch, shutdown, established).await;
+    let r = drive(link, &conn, epoch, shutdown, established)
+        .await
+        .map_err(refine);
     let (code, reason): (u32, &[u8]) = if r.is_ok() {
         (0, b"done")
     } else {
@@ -533,7 +560,6 @@ async fn disk_acker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slipway_proto::ErrorCode;
 
     #[test]
     fn permanence_follows_the_error_code() {
@@ -550,6 +576,28 @@ mod tests {
         assert!(!SessionError::Closed("control".into()).is_permanent());
         assert!(SessionError::Handshake(HandshakeError::BadWelcome("x")).is_permanent());
         assert!(!SessionError::Protocol("x".into()).is_permanent());
+    }
+
+    #[test]
+    fn an_unauthorized_close_is_a_refusal() {
+        let close = quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(2),
+            reason: bytes::Bytes::from_static(b"credential refused for source \"x\""),
+        });
+        let e = refine(SessionError::Read(FrameIoError::Read(
+            quinn::ReadError::ConnectionLost(close.clone()),
+        )));
+        assert!(e.is_permanent());
+        assert_eq!(
+            e.to_string(),
+            "server refused: credential refused for source \"x\" (unauthorized)"
+        );
+        // Other closes (superseded, draining) are retried.
+        let other = quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(3),
+            reason: bytes::Bytes::new(),
+        });
+        assert!(!refine(SessionError::Connection(other)).is_permanent());
     }
 
     #[test]

@@ -32,8 +32,9 @@ impl PassKind {
     pub fn zero_policy(self) -> ZeroPolicy {
         match self {
             PassKind::Fresh => ZeroPolicy::Skip,
-            // A changed chunk may have been non-zero before: its zeroes must be written.
-            PassKind::Resync | PassKind::Follow => ZeroPolicy::Send,
+            PassKind::Resync => ZeroPolicy::Send,
+            // A changed chunk may have been non-zero before: it is rewritten whole.
+            PassKind::Follow => ZeroPolicy::WholeChunk,
         }
     }
 
