@@ -12,7 +12,11 @@ use slipway_server::admin::{self, Request, Response};
 use slipway_server::settings::{LogFormat, Overrides, Settings};
 
 #[derive(Parser)]
-#[command(name = "slipway", version, about = "Staging-area block replication server")]
+#[command(
+    name = "slipway",
+    version,
+    about = "Staging-area block replication server"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -326,8 +330,16 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
     match cmd {
         RpCmd::Create { dir, source, wait } => {
             let s = dir.settings()?;
-            let timeout = if wait { Duration::from_secs(600) } else { Duration::from_secs(10) };
-            match admin::request(&s.data_dir, &Request::RestorePointCreate { source, wait }, timeout)? {
+            let timeout = if wait {
+                Duration::from_secs(600)
+            } else {
+                Duration::from_secs(10)
+            };
+            match admin::request(
+                &s.data_dir,
+                &Request::RestorePointCreate { source, wait },
+                timeout,
+            )? {
                 Response::RestorePointCreated { id, manifest } => {
                     println!("{id}");
                     if let Some(m) = manifest {
@@ -408,7 +420,10 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
                 println!("BAD {p}");
             }
             if !r.problems.is_empty() {
-                bail!("{} of restore point {id} failed verification", r.problems.len());
+                bail!(
+                    "{} of restore point {id} failed verification",
+                    r.problems.len()
+                );
             }
             println!(
                 "{id}: ok ({} blocks, {} checked)",

@@ -29,7 +29,13 @@ fn several_agents_and_disks_replicate_byte_identically() {
             .map(|x| src.join(x.1))
             .collect();
         let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
-        agents.push(Agent::start(&server, source, &token, &refs, &["--block-size", "4096"]));
+        agents.push(Agent::start(
+            &server,
+            source,
+            &token,
+            &refs,
+            &["--block-size", "4096"],
+        ));
     }
     for a in &mut agents {
         let st = a.wait(Duration::from_secs(300));
@@ -97,7 +103,10 @@ fn kill9_during_sync_loses_nothing_acked_and_resumes() {
     assert_same(&src, &vol, SIZE);
     check_journal(&journal, "disk.img", &src, &vol);
     let log = agent.log_text();
-    assert!(log.contains("reconnect") || log.contains("Reconnect") || log.contains("retry"), "agent log mentions reconnecting:\n{log}");
+    assert!(
+        log.contains("reconnect") || log.contains("Reconnect") || log.contains("retry"),
+        "agent log mentions reconnecting:\n{log}"
+    );
 }
 
 fn acked_bytes(journal: &std::path::Path) -> u64 {
@@ -119,7 +128,13 @@ fn agent_exits_2_with_a_clear_message_on_a_bad_token() {
     let st = agent.wait(Duration::from_secs(60));
     assert_eq!(st.code(), Some(2), "{}", agent.log_text());
     let log = agent.log_text().to_lowercase();
-    assert!(log.contains("unauthorized") || log.contains("credential"), "{log}");
-    assert!(!server.volume("mine", "disk.img").exists(), "nothing was created");
+    assert!(
+        log.contains("unauthorized") || log.contains("credential"),
+        "{log}"
+    );
+    assert!(
+        !server.volume("mine", "disk.img").exists(),
+        "nothing was created"
+    );
     assert!(server.healthy());
 }

@@ -2,7 +2,9 @@
 //! One test binary (ripgrep style) so the binaries are built and linked once.
 
 mod data_path;
+mod pit_sim;
 mod refusals;
+mod restore_points;
 mod support;
 
 /// Runs `promtool check metrics` on an exposition; panics with its complaints.
@@ -16,7 +18,12 @@ pub fn promtool_check(metrics: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool must be installed (Debian package prometheus; .ci/run installs it)");
-    child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

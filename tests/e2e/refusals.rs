@@ -22,7 +22,11 @@ struct Raw {
 
 async fn connect(server: &Server, source: &str, token: &str) -> (Raw, Frame) {
     let tuning = Tuning::default();
-    let cfg = client_config(&ServerTrust::Fingerprint(server.fingerprint.clone()), &tuning).unwrap();
+    let cfg = client_config(
+        &ServerTrust::Fingerprint(server.fingerprint.clone()),
+        &tuning,
+    )
+    .unwrap();
     let ep = tuning.client_endpoint(server.listen).unwrap();
     let conn = ep
         .connect_with(cfg, server.listen, "localhost")
@@ -40,7 +44,10 @@ async fn connect(server: &Server, source: &str, token: &str) -> (Raw, Frame) {
         agent_version: "raw-test".into(),
     });
     write_frame(&mut ctl_send, &hs.hello_frame()).await.unwrap();
-    let answer = read_frame(&mut ctl_recv, MAX_BODY_LEN).await.unwrap().unwrap();
+    let answer = read_frame(&mut ctl_recv, MAX_BODY_LEN)
+        .await
+        .unwrap()
+        .unwrap();
     (
         Raw {
             conn,
@@ -65,13 +72,18 @@ impl Raw {
         )
         .await
         .unwrap();
-        read_frame(&mut self.ctl_recv, MAX_BODY_LEN).await.unwrap().unwrap()
+        read_frame(&mut self.ctl_recv, MAX_BODY_LEN)
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     /// Opens a disk stream bound to `handle`.
     async fn stream(&self, handle: u32) -> (quinn::SendStream, quinn::RecvStream) {
         let (mut s, r) = self.conn.open_bi().await.unwrap();
-        write_frame(&mut s, &Frame::StreamBind(StreamBind { handle })).await.unwrap();
+        write_frame(&mut s, &Frame::StreamBind(StreamBind { handle }))
+            .await
+            .unwrap();
         (s, r)
     }
 }
@@ -111,9 +123,15 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
         // Wrong token: the token of another source.
         let other = server.token("src-b");
         let (_, answer) = connect(&server, "src-a", &other).await;
-        assert!(matches!(answer, Frame::Error(ref e) if e.code == ErrorCode::Unauthorized), "{answer:?}");
+        assert!(
+            matches!(answer, Frame::Error(ref e) if e.code == ErrorCode::Unauthorized),
+            "{answer:?}"
+        );
         let (_, answer) = connect(&server, "src-a", "slw1.00.00").await;
-        assert!(matches!(answer, Frame::Error(ref e) if e.code == ErrorCode::Unauthorized), "{answer:?}");
+        assert!(
+            matches!(answer, Frame::Error(ref e) if e.code == ErrorCode::Unauthorized),
+            "{answer:?}"
+        );
 
         let (mut raw, answer) = connect(&server, "src-a", &token).await;
         assert!(matches!(answer, Frame::Welcome(_)), "{answer:?}");
@@ -141,7 +159,9 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
         };
         // Past the end of the disk.
         let (mut s, mut r) = raw.stream(h).await;
-        write_write(&mut s, &write(1, (1 << 20) - 512, 1024), false).await.unwrap();
+        write_write(&mut s, &write(1, (1 << 20) - 512, 1024), false)
+            .await
+            .unwrap();
         assert_eq!(next_error(&mut r).await, Some(ErrorCode::OutOfBounds));
         // Each refusal ends its stream; the handle can be bound only once per connection, so
         // the remaining cases reopen the disk on fresh connections.
@@ -149,18 +169,37 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
         let cases: Vec<(&str, Box<dyn Fn(u32) -> Vec<u8>>, ErrorCode)> = vec![
             (
                 "misaligned",
-                Box::new(|h| frame_bytes(&Frame::Write(Write { handle: h, seq: 1, offset: 100, data: Bytes::from(vec![1; 512]) }))),
+                Box::new(|h| {
+                    frame_bytes(&Frame::Write(Write {
+                        handle: h,
+                        seq: 1,
+                        offset: 100,
+                        data: Bytes::from(vec![1; 512]),
+                    }))
+                }),
                 ErrorCode::Misaligned,
             ),
             (
                 "zeroes past the end",
-                Box::new(|h| frame_bytes(&Frame::WriteZeroes(WriteZeroes { handle: h, seq: 1, offset: 0, len: 2 << 20 }))),
+                Box::new(|h| {
+                    frame_bytes(&Frame::WriteZeroes(WriteZeroes {
+                        handle: h,
+                        seq: 1,
+                        offset: 0,
+                        len: 2 << 20,
+                    }))
+                }),
                 ErrorCode::OutOfBounds,
             ),
             (
                 "bad crc",
                 Box::new(|h| {
-                    let w = Write { handle: h, seq: 1, offset: 0, data: Bytes::from(vec![7; 4096]) };
+                    let w = Write {
+                        handle: h,
+                        seq: 1,
+                        offset: 0,
+                        data: Bytes::from(vec![7; 4096]),
+                    };
                     let [head, payload] = w.encode_chunks(false);
                     let mut b = head.to_vec();
                     b.extend_from_slice(&payload);
@@ -182,14 +221,31 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
             ),
             (
                 "another handle",
-                Box::new(|h| frame_bytes(&Frame::Write(Write { handle: h + 100, seq: 1, offset: 0, data: Bytes::from(vec![1; 512]) }))),
+                Box::new(|h| {
+                    frame_bytes(&Frame::Write(Write {
+                        handle: h + 100,
+                        seq: 1,
+                        offset: 0,
+                        data: Bytes::from(vec![1; 512]),
+                    }))
+                }),
                 ErrorCode::UnknownDisk,
             ),
             (
                 "sequence going backwards",
                 Box::new(|h| {
-                    let mut b = frame_bytes(&Frame::WriteZeroes(WriteZeroes { handle: h, seq: 5, offset: 0, len: 512 }));
-                    b.extend(frame_bytes(&Frame::Write(Write { handle: h, seq: 4, offset: 512, data: Bytes::from(vec![1; 512]) })));
+                    let mut b = frame_bytes(&Frame::WriteZeroes(WriteZeroes {
+                        handle: h,
+                        seq: 5,
+                        offset: 0,
+                        len: 512,
+                    }));
+                    b.extend(frame_bytes(&Frame::Write(Write {
+                        handle: h,
+                        seq: 4,
+                        offset: 512,
+                        data: Bytes::from(vec![1; 512]),
+                    })));
                     b
                 }),
                 ErrorCode::BadSequence,
@@ -208,7 +264,10 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
         assert_eq!(next_error(&mut r).await, Some(ErrorCode::UnknownDisk));
         // Garbage on the control stream closes that connection only.
         let (mut raw3, _) = connect(&server, "src-a", &token).await;
-        raw3.ctl_send.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]).await.unwrap();
+        raw3.ctl_send
+            .write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0])
+            .await
+            .unwrap();
         match read_frame(&mut raw3.ctl_recv, MAX_BODY_LEN).await {
             Ok(Some(Frame::Error(e))) => assert_eq!(e.code, ErrorCode::Malformed),
             other => panic!("{other:?}"),
@@ -229,19 +288,32 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
         assert!(matches!(answer, Frame::Welcome(_)));
         let h = handle_of(&good.open("victim", 1 << 20, 512).await);
         let (mut s, mut r) = good.stream(h).await;
-        write_write(&mut s, &write(1, 4096, 8192), false).await.unwrap();
+        write_write(&mut s, &write(1, 4096, 8192), false)
+            .await
+            .unwrap();
         let acked = tokio::time::timeout(Duration::from_secs(20), read_frame(&mut r, MAX_BODY_LEN))
             .await
             .unwrap()
             .unwrap();
-        assert!(matches!(acked, Some(Frame::Ack(ref a)) if a.seq == 1), "{acked:?}");
+        assert!(
+            matches!(acked, Some(Frame::Ack(ref a)) if a.seq == 1),
+            "{acked:?}"
+        );
         let data = std::fs::read(&vol).unwrap();
         assert!(data[4096..12288].iter().all(|b| *b == 0xee));
         assert!(data[..4096].iter().all(|b| *b == 0) && data[12288..].iter().all(|b| *b == 0));
     });
     // Refusals are counted by reason.
     let (_, metrics) = server.http_get("/metrics");
-    for reason in ["unauthorized", "out_of_bounds", "misaligned", "bad_checksum", "too_large", "bad_sequence", "unknown_disk"] {
+    for reason in [
+        "unauthorized",
+        "out_of_bounds",
+        "misaligned",
+        "bad_checksum",
+        "too_large",
+        "bad_sequence",
+        "unknown_disk",
+    ] {
         let line = metrics
             .lines()
             .find(|l| l.starts_with(&format!("slipway_rejected_total{{reason=\"{reason}\"}}")))

@@ -35,6 +35,16 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        Self::start_env(data_dir, listen, extra, &[])
+    }
+
+    /// Starts with extra environment variables (e.g. `SLIPWAY_FAILPOINT`).
+    pub fn start_env(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         std::fs::create_dir_all(data_dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -48,6 +58,7 @@ impl Server {
             .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info,quinn=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -66,7 +77,8 @@ impl Server {
                 }
                 _ => {
                     let _ = child.kill();
-                    let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+                    let log =
+                        std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
                     panic!("server exited before it was ready; log:\n{log}");
                 }
             }
@@ -91,10 +103,98 @@ impl Server {
 
     /// Starts again on the same data dir and port.
     pub fn restart(&mut self) {
+        self.restart_env(&[]);
+    }
+
+    /// Starts again on the same data dir and port, with extra environment variables.
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let s = Server::start_with(&self.data_dir.clone(), &self.listen.to_string(), &extra);
-        let old = std::mem::replace(self, s);
-        std::mem::forget(old.child);
+        let s = Server::start_env(
+            &self.data_dir.clone(),
+            &self.listen.to_string(),
+            &extra,
+            env,
+        );
+        // The old child was reaped already; std knows, so its Drop will not signal a reused pid.
+        drop(std::mem::replace(self, s));
+    }
+
+    /// Waits for the server process to exit by itself (e.g. at a failpoint).
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `slipway <args> --data-dir D`; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(SLIPWAY)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `slipway restore-points list --json`.
+    pub fn restore_points(&self) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.cli(&["restore-points", "list", "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+    }
+
+    /// Takes a restore point and waits for it; returns its id.
+    pub fn create_restore_point(&self, source: &str) -> String {
+        let (ok, out, err) = self.cli(&["restore-points", "create", "--source", source, "--wait"]);
+        assert!(ok, "restore-points create failed: {err}\n{}", self.log());
+        out.trim().to_string()
+    }
+
+    /// Exports a disk of a restore point to `out`.
+    pub fn export(&self, id: &str, disk: &str, out: &Path) {
+        let (ok, _, err) = self.cli(&[
+            "restore-points",
+            "export",
+            id,
+            "--disk",
+            disk,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "export failed: {err}");
+    }
+
+    /// Verifies a restore point; panics if it does not verify.
+    pub fn verify(&self, id: &str) {
+        let (ok, out, err) = self.cli(&["restore-points", "verify", id]);
+        assert!(ok, "verify {id} failed: {out}{err}");
+    }
+
+    /// The state of one disk in `slipway status --json`.
+    pub fn disk_state(&self, source: &str, disk: &str) -> String {
+        let st = self.status();
+        st["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["id"] == source)
+            .flat_map(|s| s["disks"].as_array().unwrap().iter())
+            .find(|d| d["id"] == disk)
+            .map(|d| d["state"].as_str().unwrap().to_string())
+            .unwrap_or_default()
     }
 
     pub fn token(&self, source: &str) -> String {
@@ -103,7 +203,11 @@ impl Server {
             .arg(&self.data_dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -121,12 +225,19 @@ impl Server {
             .arg(&self.data_dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     pub fn volume(&self, source: &str, disk: &str) -> PathBuf {
-        self.data_dir.join("volumes").join(source).join(format!("{disk}.raw"))
+        self.data_dir
+            .join("volumes")
+            .join(source)
+            .join(format!("{disk}.raw"))
     }
 
     pub fn log(&self) -> String {
@@ -149,7 +260,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let code = resp[9..12].parse().unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -160,8 +274,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(server: &Server, source: &str, token: &str, disks: &[&Path], extra: &[&str]) -> Agent {
-        let log = server.data_dir.join(format!("agent-{source}-{}.log", rand::random::<u32>()));
+    pub fn start(
+        server: &Server,
+        source: &str,
+        token: &str,
+        disks: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let log = server
+            .data_dir
+            .join(format!("agent-{source}-{}.log", rand::random::<u32>()));
         let mut cmd = Command::new(AGENT);
         cmd.arg("replicate")
             .args(["--server", &server.listen.to_string()])
@@ -190,7 +312,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("agent did not finish within {limit:?}; log:\n{}", self.log_text());
+                panic!(
+                    "agent did not finish within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -212,7 +337,10 @@ impl Drop for Agent {
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -259,7 +387,11 @@ pub fn assert_same(a: &Path, b: &Path, len: u64) {
         fa.read_exact_at(&mut ba[..n], off).unwrap();
         fb.read_exact_at(&mut bb[..n], off).unwrap();
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap();
             panic!(
                 "{} and {} differ at byte {}",
                 a.display(),
@@ -288,7 +420,11 @@ pub fn check_journal(journal: &Path, disk_id: &str, source: &Path, volume: &Path
         let mut b = vec![0u8; len as usize];
         fs.read_exact_at(&mut a, off).unwrap();
         fv.read_exact_at(&mut b, off).unwrap();
-        assert!(a == b, "acked range {off}+{len} (seq {}) is not on the volume", parts[1]);
+        assert!(
+            a == b,
+            "acked range {off}+{len} (seq {}) is not on the volume",
+            parts[1]
+        );
         n += 1;
     }
     n

@@ -139,9 +139,9 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
                 .connections
                 .with_label_values(&["refused"])
                 .inc();
-            refuse(
+            close_with_error(
                 &conn,
-                ctl_send,
+                &mut ctl_send,
                 ErrorFrame::new(ErrorCode::from(&e), e.to_string()),
                 CLOSE_PROTOCOL,
             )
@@ -199,7 +199,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
                 CLOSE_PROTOCOL
             };
             if let Frame::Error(f) = frame {
-                refuse(&conn, ctl_send, f, close).await;
+                close_with_error(&conn, &mut ctl_send, f, close).await;
             }
             return;
         }
@@ -250,15 +250,15 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
     }
 }
 
-/// Sends an error frame, gives the peer a moment to read it, then closes.
-async fn refuse(
+/// Sends an error frame on the control stream, gives the peer a moment to read it, closes.
+async fn close_with_error(
     conn: &quinn::Connection,
-    mut send: quinn::SendStream,
+    send: &mut quinn::SendStream,
     e: ErrorFrame,
     code: quinn::VarInt,
 ) {
     let reason = e.message.clone();
-    let _ = write_frame(&mut send, &Frame::Error(e)).await;
+    let _ = write_frame(send, &Frame::Error(e)).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     conn.close(code, reason.as_bytes());
@@ -295,8 +295,8 @@ async fn control_loop(
                     Some(Ok(f)) => f,
                     Some(Err(FrameIoError::Decode(e))) => {
                         c.inner.metrics.reject(ErrorCode::from(&e).as_str());
-                        let _ = write_frame(&mut send, &Frame::Error(ErrorFrame::new(ErrorCode::from(&e), e.to_string()))).await;
-                        c.conn.close(CLOSE_PROTOCOL, b"malformed control frame");
+                        let f = ErrorFrame::new(ErrorCode::from(&e), e.to_string());
+                        close_with_error(&c.conn, &mut send, f, CLOSE_PROTOCOL).await;
                         break format!("malformed control frame: {e}");
                     }
                     Some(Err(e)) => break format!("control stream ended: {e}"),
@@ -311,8 +311,7 @@ async fn control_loop(
                     Ok(None) => {}
                     Err(e) => {
                         let msg = e.message.clone();
-                        let _ = write_frame(&mut send, &Frame::Error(e)).await;
-                        c.conn.close(CLOSE_PROTOCOL, msg.as_bytes());
+                        close_with_error(&c.conn, &mut send, e, CLOSE_PROTOCOL).await;
                         break msg;
                     }
                 }
