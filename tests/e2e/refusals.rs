@@ -13,6 +13,9 @@ use slipway_proto::{
 
 use crate::support::*;
 
+/// A refusal case: name, the bytes to send for a handle, the error expected.
+type Case = (&'static str, Box<dyn Fn(u32) -> Vec<u8>>, ErrorCode);
+
 struct Raw {
     conn: quinn::Connection,
     ctl_send: quinn::SendStream,
@@ -166,7 +169,7 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
         // Each refusal ends its stream; the handle can be bound only once per connection, so
         // the remaining cases reopen the disk on fresh connections.
         drop((s, r));
-        let cases: Vec<(&str, Box<dyn Fn(u32) -> Vec<u8>>, ErrorCode)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "misaligned",
                 Box::new(|h| {

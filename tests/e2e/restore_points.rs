@@ -91,32 +91,35 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
         let mut seq = 0u64;
         let mut last = [0u64; 2];
         // Random 4 KiB-aligned writes of up to 64 KiB, on a random disk, applied to the model.
+        struct Workload<'a> {
+            rng: &'a mut rand::rngs::SmallRng,
+            seq: &'a mut u64,
+            last: &'a mut [u64; 2],
+            model: &'a mut [Vec<u8>; 2],
+            handles: &'a [u32],
+            size: u64,
+        }
         async fn random_writes(
             n: usize,
-            rng: &mut rand::rngs::SmallRng,
-            seq: &mut u64,
-            last: &mut [u64; 2],
-            model: &mut [Vec<u8>; 2],
+            w: Workload<'_>,
             streams: &mut [(quinn::SendStream, quinn::RecvStream)],
-            handles: &[u32],
-            size: u64,
         ) {
             for _ in 0..n {
-                let disk = rng.gen_range(0..2);
-                let len = rng.gen_range(1..=16u64) * 4096;
-                let off = rng.gen_range(0..(size - len) / 4096) * 4096;
+                let disk = w.rng.gen_range(0..2);
+                let len = w.rng.gen_range(1..=16u64) * 4096;
+                let off = w.rng.gen_range(0..(w.size - len) / 4096) * 4096;
                 let mut data = vec![0u8; len as usize];
-                rng.fill_bytes(&mut data);
-                model[disk][off as usize..(off + len) as usize].copy_from_slice(&data);
-                *seq += 1;
-                last[disk] = *seq;
-                let w = Write {
-                    handle: handles[disk],
-                    seq: *seq,
+                w.rng.fill_bytes(&mut data);
+                w.model[disk][off as usize..(off + len) as usize].copy_from_slice(&data);
+                *w.seq += 1;
+                w.last[disk] = *w.seq;
+                let f = Write {
+                    handle: w.handles[disk],
+                    seq: *w.seq,
                     offset: off,
                     data: Bytes::from(data),
                 };
-                write_write(&mut streams[disk].0, &w, false).await.unwrap();
+                write_write(&mut streams[disk].0, &f, false).await.unwrap();
             }
         }
         // Initial pass: fill both disks, then report them continuous.
@@ -174,13 +177,15 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
         for round in 0..3 {
             random_writes(
                 40,
-                &mut rng,
-                &mut seq,
-                &mut last,
-                &mut model,
+                Workload {
+                    rng: &mut rng,
+                    seq: &mut seq,
+                    last: &mut last,
+                    model: &mut model,
+                    handles: &handles,
+                    size,
+                },
                 &mut streams,
-                &handles,
-                size,
             )
             .await;
             // Ask for a restore point (the CLI blocks until it exists).
@@ -234,13 +239,15 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
             // Keep writing after the marker: none of this may appear in the restore point.
             random_writes(
                 40,
-                &mut rng,
-                &mut seq,
-                &mut last,
-                &mut model,
+                Workload {
+                    rng: &mut rng,
+                    seq: &mut seq,
+                    last: &mut last,
+                    model: &mut model,
+                    handles: &handles,
+                    size,
+                },
                 &mut streams,
-                &handles,
-                size,
             )
             .await;
             let out = tokio::task::spawn_blocking(move || cli.join().unwrap())
@@ -330,8 +337,14 @@ fn follow_mode_restore_points_are_incremental() {
     let pos = |id: &str| list.iter().position(|r| r["id"] == id).unwrap();
     let full = list[0]["size_bytes"].as_u64().unwrap();
     let incr = list[pos(&rp2)]["size_bytes"].as_u64().unwrap();
-    assert!(full > size, "the first restore point stores both disks ({full})");
-    assert!(incr > 0 && incr <= size / 50, "1% changed stores about 1% ({incr} of {size})");
+    assert!(
+        full > size,
+        "the first restore point stores both disks ({full})"
+    );
+    assert!(
+        incr > 0 && incr <= size / 50,
+        "1% changed stores about 1% ({incr} of {size})"
+    );
     assert_eq!(list[pos(&rp2)]["parent"], list[pos(&rp2) - 1]["id"]);
     for (id, disk, want) in [(&rp1, "a.img", &a1), (&rp1, "b.img", &b1)] {
         let out = d.path().join("x.img");

@@ -69,13 +69,16 @@ impl Trigger {
     }
 }
 
+/// (count, newest created Unix ms, stored bytes) of one source's restore points.
+pub(crate) type Summary = (usize, Option<u64>, u64);
+
 /// Restore-point state of the server.
 pub(crate) struct RestorePoints {
     pub store: SnapshotStore,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     next_marker: AtomicU64,
-    /// (count, newest created ms, stored bytes) per source, for metrics and status.
-    pub summary: Mutex<HashMap<String, (usize, Option<u64>, u64)>>,
+    /// Per source, for metrics and status.
+    pub summary: Mutex<HashMap<String, Summary>>,
 }
 
 impl RestorePoints {
