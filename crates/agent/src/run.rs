@@ -261,6 +261,7 @@ pub async fn replicate_until(
     let _ = reporter.await;
 
     let outcome = result?;
+    let follow = shared.cfg.follow;
     let s = shared.lock();
     let end = started.elapsed().as_secs_f64();
     let disks = (0..n)
@@ -271,7 +272,11 @@ pub async fn replicate_until(
                 payload_sent: snap.stats.payload_sent,
                 payload_acked: snap.stats.payload_acked,
                 zeroes_acked: snap.stats.zeroes_acked,
-                seconds: done_at[d].map_or(end, |t| (t - started).as_secs_f64()),
+                // With --follow the run is the measure; without, the time to a whole copy.
+                seconds: match done_at[d] {
+                    Some(t) if !follow => (t - started).as_secs_f64(),
+                    _ => end,
+                },
             }
         })
         .collect();

@@ -285,7 +285,10 @@ async fn drive(
             _ = shutdown_requested(shutdown) => {
                 // Tell the server where each disk stands before leaving.
                 send_progress(&mut ctl, shared, &handles, &mut reported, true).await?;
+                // Closing the connection may drop data the server has not read yet; the
+                // server closes by itself once it has read the finished control stream.
                 let _ = ctl.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), ctl.stopped()).await;
                 return Ok(());
             }
             r = tasks.join_next() => return Err(match r {

@@ -48,6 +48,8 @@ struct State {
     marker_request: Option<u64>,
     /// Protocol violations seen (the test fails if any).
     violations: Vec<String>,
+    /// Do not keep write payloads (throughput runs).
+    discard: bool,
 }
 
 struct FakeServer {
@@ -260,7 +262,7 @@ async fn disk_stream(
                     let (o, l) = (w.offset, w.data.len() as u64);
                     if o % bs != 0 || l % bs != 0 || l == 0 || o + l > v.data.len() as u64 {
                         s.violations.push(format!("{id}: bad write {o}+{l}"));
-                    } else {
+                    } else if !s.discard {
                         v.data[o as usize..(o + l) as usize].copy_from_slice(&w.data);
                     }
                     if l > 1 << 20 {
@@ -636,4 +638,47 @@ async fn a_wrong_fingerprint_is_permanent() {
     .expect("gives up at once")
     .unwrap_err();
     assert_eq!(e.exit_code(), 2, "{e}");
+}
+
+/// Throughput of the agent over loopback against a server that only decodes and acks.
+/// `cargo test --release -p slipway-agent --test fake_server -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    let size = 512usize << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("disk");
+    {
+        // Incompressible data, no holes.
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut v = vec![0u8; size];
+        for w in v.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(&a, &v).unwrap();
+    }
+    for compress in [false, true] {
+        let server = FakeServer::start(1).await;
+        server.state.lock().unwrap().discard = true;
+        let cfg = config(&server, std::slice::from_ref(&a), TOKEN, |r| {
+            r.chunk_size = "1MiB".into();
+            r.window = "128MiB".into();
+            r.block_size = "4096".into();
+            r.no_compress = !compress;
+        });
+        let t = std::time::Instant::now();
+        let sum = replicate_until(cfg, Progress::Off, no_stop())
+            .await
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(sum.disks[0].payload_acked, size as u64);
+        println!(
+            "lz4 offered: {compress}: {} MiB in {secs:.2} s = {:.0} MB/s",
+            size >> 20,
+            size as f64 / secs / 1e6
+        );
+    }
 }
