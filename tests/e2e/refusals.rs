@@ -213,6 +213,23 @@ fn refusals_are_typed_nothing_is_written_and_the_server_stays_up() {
                 ErrorCode::BadChecksum,
             ),
             (
+                "lz4 without negotiating it",
+                Box::new(|h| {
+                    let w = Write {
+                        handle: h,
+                        seq: 1,
+                        offset: 0,
+                        data: Bytes::from(vec![3; 8192]),
+                    };
+                    let [head, payload] = w.encode_chunks(true);
+                    assert_eq!(head[1], slipway_proto::FLAG_LZ4);
+                    let mut b = head.to_vec();
+                    b.extend_from_slice(&payload);
+                    b
+                }),
+                ErrorCode::Malformed,
+            ),
+            (
                 "oversized frame",
                 Box::new(|_| vec![0x06, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
                 ErrorCode::TooLarge,

@@ -220,6 +220,15 @@ pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max_body: u32,
 ) -> Result<Option<Frame>, FrameIoError> {
+    read_frame_with(recv, max_body, true).await
+}
+
+/// Like [`read_frame`], refusing LZ4-compressed writes unless `lz4` was negotiated.
+pub async fn read_frame_with(
+    recv: &mut quinn::RecvStream,
+    max_body: u32,
+    lz4: bool,
+) -> Result<Option<Frame>, FrameIoError> {
     let mut head = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -230,6 +239,13 @@ pub async fn read_frame(
         }
     }
     let h = FrameHeader::parse(&head, max_body)?;
+    if !lz4 && h.flags & slipway_proto::FLAG_LZ4 != 0 {
+        return Err(DecodeError::BadFlags {
+            ty: h.ty,
+            flags: h.flags,
+        }
+        .into());
+    }
     let body = read_body(recv, h.body_len as usize).await?;
     Ok(Some(Frame::decode_body(h, body)?))
 }

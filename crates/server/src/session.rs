@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use slipway_net::{read_frame, write_frame, FrameIoError};
+use slipway_net::{read_frame, read_frame_with, write_frame, FrameIoError};
 use slipway_proto::handshake::ServerParams;
 use slipway_proto::{
     features, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, ResumeKind, ServerHandshake,
@@ -78,6 +78,8 @@ pub(crate) struct Conn {
     conn: quinn::Connection,
     pub source: String,
     agent_run: u64,
+    /// LZ4 write payloads were negotiated.
+    lz4: bool,
     peer: SocketAddr,
     pub disks: Mutex<HashMap<u32, Arc<OpenDisk>>>,
     next_handle: AtomicU32,
@@ -221,6 +223,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         conn: conn.clone(),
         source: negotiated.source_id.clone(),
         agent_run: negotiated.agent_run,
+        lz4: negotiated.lz4(),
         peer,
         disks: Mutex::new(HashMap::new()),
         next_handle: AtomicU32::new(1),
@@ -759,7 +762,7 @@ async fn receive_writes(
     let mut last_seq = disk.start_seq;
     let max_body = slipway_proto::MAX_BODY_LEN;
     loop {
-        let frame = match read_frame(recv, max_body).await {
+        let frame = match read_frame_with(recv, max_body, c.lz4).await {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(FrameIoError::Decode(e)) => {
