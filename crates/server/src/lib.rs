@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backend;
 mod http;
 pub mod metrics;
 pub mod restore;
