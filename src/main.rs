@@ -221,8 +221,10 @@ async fn serve(settings: Settings) -> Result<()> {
             _ = term.recv() => {}
         }
     };
+    let backends = slipway_server::Backends::local(&settings);
     slipway_server::run(
         settings,
+        backends,
         |ready| {
             // One machine-readable line on stdout: scripts and tests wait for it.
             let line = serde_json::json!({
@@ -322,10 +324,6 @@ fn find(s: &Settings, id: &str) -> Result<slipway_store::snapshot::Manifest> {
         .with_context(|| format!("no restore point {id} in {}", s.data_dir.display()))
 }
 
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 fn restore_points(cmd: RpCmd) -> Result<()> {
     match cmd {
         RpCmd::Create { dir, source, wait } => {
@@ -357,32 +355,25 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
         }
         RpCmd::List { dir, source, json } => {
             let s = dir.settings()?;
-            let list = store_of(&s).list(source.as_deref())?;
-            if json {
-                let v: Vec<_> = list
+            // The running server knows remote snapshot states; without one, read the store.
+            let list = match admin::request(
+                &s.data_dir,
+                &Request::RestorePointList {
+                    source: source.clone(),
+                },
+                Duration::from_secs(120),
+            ) {
+                Ok(Response::RestorePointList { restore_points }) => restore_points,
+                Ok(_) => bail!("unexpected answer from the server"),
+                Err(admin::AdminError::NotRunning { .. }) => store_of(&s)
+                    .list(source.as_deref())?
                     .iter()
-                    .map(|m| {
-                        serde_json::json!({
-                            "id": m.id,
-                            "source": m.source,
-                            "created_at": rfc3339(m.created_unix_ms),
-                            "created_unix_ms": m.created_unix_ms,
-                            "trigger": m.trigger,
-                            "parent": m.parent,
-                            "marker_id": m.marker_id,
-                            "size_bytes": m.size_bytes,
-                            "pause_ms": m.pause_ms,
-                            "duration_ms": m.duration_ms,
-                            "disks": m.disks.iter().map(|d| serde_json::json!({
-                                "id": d.id,
-                                "size_bytes": d.size,
-                                "stored_bytes": d.stored_bytes,
-                                "scanned_blocks": d.scanned_blocks,
-                            })).collect::<Vec<_>>(),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                    .map(slipway_server::restore::manifest_json)
+                    .collect(),
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {
                 println!("no restore points");
             } else {
@@ -391,14 +382,20 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
                     "ID", "SOURCE", "CREATED", "TRIGGER", "STORED"
                 );
                 for m in &list {
-                    let disks: Vec<_> = m.disks.iter().map(|d| d.id.as_str()).collect();
+                    let disks: Vec<&str> = m["disks"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|d| d["id"].as_str()).collect())
+                        .unwrap_or_default();
                     println!(
                         "{:<26} {:<16} {:<25} {:<10} {:>10}  {}",
-                        m.id,
-                        m.source,
-                        rfc3339(m.created_unix_ms),
-                        m.trigger,
-                        human(m.size_bytes),
+                        m["id"].as_str().unwrap_or("?"),
+                        m["source"].as_str().unwrap_or("?"),
+                        m["created_at"].as_str().unwrap_or("?"),
+                        m["trigger"].as_str().unwrap_or("?"),
+                        m["size_bytes"]
+                            .as_u64()
+                            .map(human)
+                            .unwrap_or_else(|| "-".into()),
                         disks.join(",")
                     );
                 }
@@ -414,8 +411,19 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
         }
         RpCmd::Verify { dir, id } => {
             let s = dir.settings()?;
-            let m = find(&s, &id)?;
-            let r = store_of(&s).verify(&m);
+            let r = match admin::request(
+                &s.data_dir,
+                &Request::RestorePointVerify { id: id.clone() },
+                Duration::from_secs(3600),
+            ) {
+                Ok(Response::RestorePointVerified { report }) => report,
+                Ok(_) => bail!("unexpected answer from the server"),
+                Err(admin::AdminError::NotRunning { .. }) => {
+                    let m = find(&s, &id)?;
+                    store_of(&s).verify(&m)
+                }
+                Err(e) => return Err(e.into()),
+            };
             for p in &r.problems {
                 println!("BAD {p}");
             }

@@ -82,6 +82,7 @@ fn pruning_over_simulated_weeks_never_breaks_a_survivor() {
                 size_bytes: dm.stored_bytes,
                 disks: vec![dm],
                 pause_ms: 0,
+                remote: vec![],
                 duration_ms: 0,
             };
             store.commit(&m).unwrap();

@@ -33,6 +33,14 @@ pub enum Request {
     RestorePointDelete {
         id: String,
     },
+    /// List restore points (with remote snapshot states on the AWS backend).
+    RestorePointList {
+        source: Option<String>,
+    },
+    /// Verify a restore point's blocks against its manifest.
+    RestorePointVerify {
+        id: String,
+    },
 }
 
 /// Answers.
@@ -50,6 +58,12 @@ pub enum Response {
     RestorePointDeleted {
         id: String,
         freed_bytes: u64,
+    },
+    RestorePointList {
+        restore_points: Vec<serde_json::Value>,
+    },
+    RestorePointVerified {
+        report: slipway_store::snapshot::VerifyReport,
     },
     Error {
         message: String,

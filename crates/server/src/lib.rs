@@ -59,6 +59,8 @@ pub enum ServerError {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Store(#[from] slipway_store::StoreError),
+    #[error("volume backend: {0}")]
+    Backend(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -103,15 +105,13 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     pub shutdown: watch::Receiver<bool>,
     pub rp: restore::RestorePoints,
+    pub volumes: Arc<dyn backend::VolumeBackend>,
+    pub snapshots: Option<Arc<dyn backend::SnapshotBackend>>,
 }
 
 impl Inner {
     pub fn volume_dir(&self, source: &str) -> PathBuf {
         self.settings.data_dir.join("volumes").join(source)
-    }
-
-    pub fn volume_path(&self, source: &str, disk: &str) -> PathBuf {
-        self.volume_dir(source).join(format!("{disk}.raw"))
     }
 
     pub fn changes_path(&self, source: &str, disk: &str) -> PathBuf {
@@ -278,6 +278,21 @@ impl Inner {
                     admin::Response::RestorePointCreated { id, manifest: None }
                 }
             }
+            admin::Request::RestorePointList { source } => {
+                match self.list_restore_points(source).await {
+                    Ok(restore_points) => admin::Response::RestorePointList { restore_points },
+                    Err(e) => admin::Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            admin::Request::RestorePointVerify { id } => match self.verify_restore_point(&id).await
+            {
+                Ok(report) => admin::Response::RestorePointVerified { report },
+                Err(e) => admin::Response::Error {
+                    message: e.to_string(),
+                },
+            },
             admin::Request::RestorePointDelete { id } => match self.delete_restore_point(&id).await
             {
                 Ok(freed_bytes) => admin::Response::RestorePointDeleted { id, freed_bytes },
@@ -349,9 +364,29 @@ impl DirLock {
     }
 }
 
+/// Where volumes and restore points live.
+pub struct Backends {
+    pub volumes: Arc<dyn backend::VolumeBackend>,
+    /// Remote snapshots (AWS); `None` keeps restore points in the local snapshot store.
+    pub snapshots: Option<Arc<dyn backend::SnapshotBackend>>,
+}
+
+impl Backends {
+    /// The embedded local default: volume files and snapshots under the data dir.
+    pub fn local(settings: &Settings) -> Self {
+        Backends {
+            volumes: Arc::new(backend::LocalVolumes {
+                root: settings.data_dir.join("volumes"),
+            }),
+            snapshots: None,
+        }
+    }
+}
+
 /// Runs the server until `shutdown` completes. `ready` is called once everything listens.
 pub async fn run(
     settings: Settings,
+    backends: Backends,
     ready: impl FnOnce(&Ready),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
@@ -410,10 +445,23 @@ pub async fn run(
         next_session: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         shutdown: shutdown_rx,
-        rp: restore::RestorePoints::new(slipway_store::snapshot::SnapshotStore::new(
-            dir.join("snapshots"),
-        )),
+        rp: restore::RestorePoints::new(if backends.snapshots.is_some() {
+            slipway_store::snapshot::SnapshotStore::hash_only(dir.join("snapshots"))
+        } else {
+            slipway_store::snapshot::SnapshotStore::new(dir.join("snapshots"))
+        }),
+        volumes: backends.volumes,
+        snapshots: backends.snapshots,
     });
+    // Volumes this server owns (after a restart or on a new instance) come back first.
+    for v in inner
+        .volumes
+        .adopt()
+        .await
+        .map_err(|e| ServerError::Backend(e.to_string()))?
+    {
+        tracing::info!(source = %v.source, disk = %v.disk, volume = %v.volume_id, path = %v.path.display(), "adopted volume");
+    }
     inner.load_known_disks()?;
     // Blocks of restore points interrupted by a crash are unreferenced: sweep them.
     for source in inner.rp.store.sources() {

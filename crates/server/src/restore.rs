@@ -47,6 +47,11 @@ pub enum RpError {
     Disconnected,
     #[error("no restore point {0}")]
     NotFound(String),
+    /// The backend cannot take one now (pending snapshot limits): try a later tick.
+    #[error("not now: {0}")]
+    Busy(String),
+    #[error("snapshot backend: {0}")]
+    Backend(#[from] crate::backend::BackendError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -218,7 +223,9 @@ impl Inner {
                     pause_ms = man.pause_ms, duration_ms = man.duration_ms, "restore point taken"
                 );
             }
-            Err(RpError::NotEligible { .. }) | Err(RpError::NotConnected(_)) => {}
+            Err(RpError::NotEligible { .. })
+            | Err(RpError::NotConnected(_))
+            | Err(RpError::Busy(_)) => {}
             Err(e) => {
                 m.failed.with_label_values(&[source]).inc();
                 tracing::warn!(source, error = %e, "restore point failed");
@@ -251,6 +258,31 @@ impl Inner {
             .map(|(_, c)| c.clone())
             .ok_or_else(|| RpError::NotConnected(source.into()))?;
         let disks: Vec<Arc<OpenDisk>> = conn.disks.lock().unwrap().values().cloned().collect();
+        let volumes: Vec<(String, String)> = disks
+            .iter()
+            .map(|d| (d.slot.disk.clone(), d.volume_id.clone()))
+            .collect();
+        if let Some(sb) = &self.snapshots {
+            let ids: Vec<String> = volumes.iter().map(|v| v.1.clone()).collect();
+            match sb.can_snapshot(&ids).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(RpError::Busy(
+                        "a volume has too many pending snapshots".into(),
+                    ))
+                }
+                Err(crate::backend::BackendError::SnapshotsPending {
+                    volume_id,
+                    pending,
+                    limit,
+                }) => {
+                    return Err(RpError::Busy(format!(
+                        "volume {volume_id} has {pending} pending snapshots (limit {limit})"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let marker_id = self.rp.next_marker.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
         conn.markers.lock().unwrap().insert(marker_id, tx);
@@ -301,6 +333,27 @@ impl Inner {
             let cap = h.begin_capture(parent_id.as_deref(), &id);
             cleanup.captures.push((h, cap));
         }
+        // Remote snapshots are fixed while the writers hold (EBS: when the create calls return).
+        let remote: Vec<slipway_store::snapshot::RemoteRef> = match &self.snapshots {
+            Some(sb) => sb
+                .create(&crate::backend::SnapshotRequest {
+                    rp_id: id.clone(),
+                    source: source.to_string(),
+                    marker_id,
+                    created_unix_ms,
+                    trigger: trigger.as_str().to_string(),
+                    volumes: volumes.clone(),
+                })
+                .await?
+                .into_iter()
+                .map(|r| slipway_store::snapshot::RemoteRef {
+                    disk: r.disk,
+                    snapshot_id: r.snapshot_id,
+                    volume_id: r.volume_id,
+                })
+                .collect(),
+            None => vec![],
+        };
         // The point in time is fixed: let the writers go.
         for (h, _) in &cleanup.captures {
             h.release_marker(marker_id);
@@ -346,6 +399,7 @@ impl Inner {
                 size_bytes: out.iter().map(|d| d.stored_bytes).sum(),
                 disks: out,
                 pause_ms: pause.as_millis() as u64,
+                remote,
                 duration_ms: started.elapsed().as_millis() as u64,
             };
             slipway_store::failpoint("snapshot-before-manifest");
@@ -358,41 +412,60 @@ impl Inner {
         Ok(man)
     }
 
-    /// Deletes a restore point (by an operator or the policy).
+    /// Deletes a restore point (by an operator or the policy): its remote snapshots first, then
+    /// the manifest, then blocks no other restore point needs.
     pub(crate) async fn delete_restore_point(self: &Arc<Self>, id: &str) -> Result<u64, RpError> {
         let store = self.rp.store.clone();
         let idc = id.to_string();
-        let m = tokio::task::spawn_blocking(move || store.get(&idc))
-            .await
-            .map_err(|e| RpError::Internal(e.to_string()))??
-            .ok_or_else(|| RpError::NotFound(id.to_string()))?;
-        let lock = self.rp.lock_for(&m.source);
-        let _g = lock.lock().await;
-        let store = self.rp.store.clone();
-        let idc = id.to_string();
-        let freed = tokio::task::spawn_blocking(move || store.delete(&idc))
+        let local = tokio::task::spawn_blocking(move || store.get(&idc))
             .await
             .map_err(|e| RpError::Internal(e.to_string()))??;
+        let remote = match &self.snapshots {
+            Some(sb) => sb.list(None).await?.into_iter().find(|r| r.rp_id == id),
+            None => None,
+        };
+        let source = match (&local, &remote) {
+            (Some(m), _) => m.source.clone(),
+            (None, Some(r)) => r.source.clone(),
+            (None, None) => return Err(RpError::NotFound(id.to_string())),
+        };
+        let lock = self.rp.lock_for(&source);
+        let _g = lock.lock().await;
+        if let (Some(sb), Some(_)) = (&self.snapshots, &remote) {
+            sb.delete(id).await?;
+        }
+        let mut freed = 0;
+        if local.is_some() {
+            let store = self.rp.store.clone();
+            let idc = id.to_string();
+            freed = tokio::task::spawn_blocking(move || store.delete(&idc))
+                .await
+                .map_err(|e| RpError::Internal(e.to_string()))??;
+        }
         self.metrics
             .restore_points
             .pruned
-            .with_label_values(&[&m.source])
+            .with_label_values(&[&source])
             .inc();
         let rp = self.clone();
-        let src = m.source.clone();
+        let src = source.clone();
         let _ = tokio::task::spawn_blocking(move || rp.rp.refresh(&src)).await;
-        tracing::info!(source = %m.source, id, freed_bytes = freed, "restore point deleted");
+        tracing::info!(%source, id, freed_bytes = freed, "restore point deleted");
         Ok(freed)
     }
 
-    /// Prunes what the PIT policy no longer keeps.
-    async fn prune(self: &Arc<Self>, source: &str) -> Result<(), RpError> {
+    /// Restore points of a source for the policy: local manifests, plus (with remote
+    /// snapshots) restore points only the backend still knows.
+    async fn policy_points(
+        self: &Arc<Self>,
+        source: &str,
+    ) -> Result<Vec<slipway_pit::RestorePoint>, RpError> {
         let store = self.rp.store.clone();
         let src = source.to_string();
         let list = tokio::task::spawn_blocking(move || store.list(Some(&src)))
             .await
             .map_err(|e| RpError::Internal(e.to_string()))??;
-        let points: Vec<slipway_pit::RestorePoint> = list
+        let mut points: Vec<slipway_pit::RestorePoint> = list
             .iter()
             .map(|m| slipway_pit::RestorePoint {
                 id: m.id.clone(),
@@ -400,6 +473,141 @@ impl Inner {
                 scheduled: m.trigger == Trigger::Scheduled.as_str(),
             })
             .collect();
+        if let Some(sb) = &self.snapshots {
+            for r in sb.list(Some(source)).await? {
+                if !points.iter().any(|p| p.id == r.rp_id) {
+                    points.push(slipway_pit::RestorePoint {
+                        id: r.rp_id,
+                        taken_at: r.created_unix_ms / 1000,
+                        scheduled: r.trigger == Trigger::Scheduled.as_str(),
+                    });
+                }
+            }
+        }
+        Ok(points)
+    }
+
+    /// `restore-points list --json` entries, with remote snapshot states and the changed bytes
+    /// between consecutive restore points where the backend can tell.
+    pub(crate) async fn list_restore_points(
+        self: &Arc<Self>,
+        source: Option<String>,
+    ) -> Result<Vec<serde_json::Value>, RpError> {
+        let store = self.rp.store.clone();
+        let src = source.clone();
+        let list = tokio::task::spawn_blocking(move || store.list(src.as_deref()))
+            .await
+            .map_err(|e| RpError::Internal(e.to_string()))??;
+        let mut out: Vec<serde_json::Value> = list.iter().map(manifest_json).collect();
+        if let Some(sb) = &self.snapshots {
+            let remote = sb.list(source.as_deref()).await?;
+            for v in out.iter_mut() {
+                let id = v["id"].as_str().unwrap_or_default().to_string();
+                let r = remote.iter().find(|r| r.rp_id == id);
+                v["snapshots"] = serde_json::json!(r.map(|r| r
+                    .snapshots
+                    .iter()
+                    .map(|s| serde_json::json!({"disk": s.disk, "snapshot_id": s.snapshot_id, "state": s.state}))
+                    .collect::<Vec<_>>()));
+            }
+            // Changed bytes between consecutive restore points of the same disk.
+            for pair in list.windows(2) {
+                let (a, b) = (&pair[0], &pair[1]);
+                if a.source != b.source {
+                    continue;
+                }
+                let mut total = 0;
+                for rb in &b.remote {
+                    if let Some(ra) = a.remote.iter().find(|x| x.disk == rb.disk) {
+                        if let Ok(n) = sb.changed_bytes(&ra.snapshot_id, &rb.snapshot_id).await {
+                            total += n;
+                        }
+                    }
+                }
+                if let Some(v) = out.iter_mut().find(|v| v["id"] == b.id) {
+                    v["changed_bytes"] = serde_json::json!(total);
+                }
+            }
+            for r in remote
+                .iter()
+                .filter(|r| !list.iter().any(|m| m.id == r.rp_id))
+            {
+                out.push(serde_json::json!({
+                    "id": r.rp_id,
+                    "source": r.source,
+                    "created_at": rfc3339(r.created_unix_ms),
+                    "created_unix_ms": r.created_unix_ms,
+                    "trigger": r.trigger,
+                    "parent": null,
+                    "marker_id": r.marker_id,
+                    "size_bytes": null,
+                    "disks": r.snapshots.iter().map(|s| serde_json::json!({"id": s.disk})).collect::<Vec<_>>(),
+                    "snapshots": r.snapshots.iter().map(|s| serde_json::json!({"disk": s.disk, "snapshot_id": s.snapshot_id, "state": s.state})).collect::<Vec<_>>(),
+                    "manifest": false,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks every block of a restore point against its manifest: the local blocks, or the
+    /// remote snapshots' blocks through the backend.
+    pub(crate) async fn verify_restore_point(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<slipway_store::snapshot::VerifyReport, RpError> {
+        let store = self.rp.store.clone();
+        let idc = id.to_string();
+        let m = tokio::task::spawn_blocking(move || store.get(&idc))
+            .await
+            .map_err(|e| RpError::Internal(e.to_string()))??
+            .ok_or_else(|| RpError::NotFound(id.to_string()))?;
+        let Some(sb) = &self.snapshots else {
+            let store = self.rp.store.clone();
+            return tokio::task::spawn_blocking(move || store.verify(&m))
+                .await
+                .map_err(|e| RpError::Internal(e.to_string()));
+        };
+        let mut r = slipway_store::snapshot::VerifyReport::default();
+        for d in &m.disks {
+            let Some(rr) = m.remote.iter().find(|x| x.disk == d.id) else {
+                r.problems
+                    .push(format!("disk {}: no remote snapshot recorded", d.id));
+                continue;
+            };
+            let remote: HashMap<u64, String> = sb
+                .block_hashes(&rr.snapshot_id)
+                .await?
+                .into_iter()
+                .collect();
+            for (b, want) in d.blocks.iter().enumerate() {
+                let got = remote.get(&(b as u64));
+                let ok = match (want.as_str(), got) {
+                    (slipway_store::snapshot::ZERO, None) => true,
+                    (slipway_store::snapshot::ZERO, Some(h)) => {
+                        h == &zero_block_hash(d.size, b as u64)
+                    }
+                    (w, Some(h)) => w == h,
+                    (_, None) => false,
+                };
+                if ok {
+                    r.blocks_checked += 1;
+                } else {
+                    r.problems.push(format!(
+                        "disk {} block {b}: snapshot {} has {}, manifest says {want}",
+                        d.id,
+                        rr.snapshot_id,
+                        got.map(String::as_str).unwrap_or("no block")
+                    ));
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Prunes what the PIT policy no longer keeps.
+    async fn prune(self: &Arc<Self>, source: &str) -> Result<(), RpError> {
+        let points = self.policy_points(source).await?;
         for id in self.settings.pit.plan_prune(now_ms() / 1000, &points) {
             self.delete_restore_point(&id).await?;
         }
@@ -422,21 +630,9 @@ impl Inner {
                 if self.rp_blocker(&source).is_some() {
                     continue;
                 }
-                let store = self.rp.store.clone();
-                let src = source.clone();
-                let Ok(Ok(list)) =
-                    tokio::task::spawn_blocking(move || store.list(Some(&src))).await
-                else {
+                let Ok(points) = self.policy_points(&source).await else {
                     continue;
                 };
-                let points: Vec<slipway_pit::RestorePoint> = list
-                    .iter()
-                    .map(|m| slipway_pit::RestorePoint {
-                        id: m.id.clone(),
-                        taken_at: m.created_unix_ms / 1000,
-                        scheduled: m.trigger == Trigger::Scheduled.as_str(),
-                    })
-                    .collect();
                 if self.settings.pit.due(now_ms() / 1000, &points) {
                     let _ = self
                         .take_restore_point(&source, new_id(), Trigger::Scheduled)
@@ -448,4 +644,37 @@ impl Inner {
             }
         }
     }
+}
+
+/// SHA-256 of an all-zero block of the length block `b` has on a disk of `size` bytes.
+fn zero_block_hash(size: u64, b: u64) -> String {
+    use sha2::Digest;
+    let len = (size - b * slipway_store::changes::BLOCK).min(slipway_store::changes::BLOCK);
+    hex::encode(sha2::Sha256::digest(vec![0u8; len as usize]))
+}
+
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A restore point as `restore-points list --json` shows it.
+pub fn manifest_json(m: &Manifest) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.id,
+        "source": m.source,
+        "created_at": rfc3339(m.created_unix_ms),
+        "created_unix_ms": m.created_unix_ms,
+        "trigger": m.trigger,
+        "parent": m.parent,
+        "marker_id": m.marker_id,
+        "size_bytes": m.size_bytes,
+        "pause_ms": m.pause_ms,
+        "duration_ms": m.duration_ms,
+        "disks": m.disks.iter().map(|d| serde_json::json!({
+            "id": d.id,
+            "size_bytes": d.size,
+            "stored_bytes": d.stored_bytes,
+            "scanned_blocks": d.scanned_blocks,
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -25,6 +25,8 @@ use slipway_proto::{
 };
 use slipway_store::applier::ApplierConfig;
 use slipway_store::{Applier, ApplierEvent, ApplierHandle, DiskMeta, FileVolume, Op, Volume};
+
+use crate::backend::{BackendError, VolumeRequest};
 use tokio::sync::{mpsc, oneshot, watch, OwnedMutexGuard, OwnedSemaphorePermit};
 
 use crate::{DiskSlot, Inner};
@@ -61,6 +63,8 @@ pub(crate) struct OpenDisk {
     block_size: u32,
     /// Sequence durable when the disk was opened: writes must be above it.
     start_seq: u64,
+    /// Backend volume id (the file path on the local default, `vol-…` on AWS).
+    pub volume_id: String,
     applier: Mutex<Option<Applier>>,
     /// Cleared at cleanup to break the applier → events → handle cycle.
     pub handle_cell: Arc<Mutex<Option<ApplierHandle>>>,
@@ -471,11 +475,52 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
             )
         })?;
 
-    let vol_path = inner.volume_path(&c.source, &d.disk_id);
     let meta_path = inner.meta_path(&c.source, &d.disk_id);
     let (source, run) = (c.source.clone(), c.agent_run);
+    let disk_err = |what: &str, e: &dyn std::fmt::Display| {
+        ErrorFrame::new(
+            ErrorCode::DiskError,
+            format!("{what} disk {}: {e}", d.disk_id),
+        )
+    };
+    let mp = meta_path.clone();
+    let existing = tokio::task::spawn_blocking(move || DiskMeta::load(&mp))
+        .await
+        .map_err(|e| disk_err("opening", &e))?
+        .map_err(|e| disk_err("reading the metadata of", &e))?;
+    if let Some(m) = &existing {
+        if m.size != d.size || m.block_size != d.block_size {
+            return Err(ErrorFrame::new(
+                ErrorCode::DiskMismatch,
+                format!(
+                    "disk {} exists with {} bytes and block size {}, not {} and {}",
+                    d.disk_id, m.size, m.block_size, d.size, d.block_size
+                ),
+            ));
+        }
+    }
+    let vh = inner
+        .volumes
+        .ensure(&VolumeRequest {
+            source: c.source.clone(),
+            disk: d.disk_id.clone(),
+            size: d.size,
+        })
+        .await
+        .map_err(|e| match e {
+            // Retryable: the agent backs off and opens again.
+            BackendError::Unavailable(_) | BackendError::NoAttachmentSlot { .. } => {
+                ErrorFrame::new(
+                    ErrorCode::Limit,
+                    format!("no volume for disk {} yet: {e}", d.disk_id),
+                )
+            }
+            e => disk_err("provisioning a volume for", &e),
+        })?;
     let dd = d.clone();
     let mp = meta_path.clone();
+    let vpath = vh.path.clone();
+    let created = vh.created;
     let opened = tokio::task::spawn_blocking(move || -> Result<_, ErrorFrame> {
         let internal = |e: slipway_store::StoreError| {
             ErrorFrame::new(
@@ -483,19 +528,14 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 format!("opening disk {}: {e}", dd.disk_id),
             )
         };
-        let existing = DiskMeta::load(&mp).map_err(internal)?;
-        if let Some(m) = &existing {
-            if m.size != dd.size || m.block_size != dd.block_size {
-                return Err(ErrorFrame::new(
-                    ErrorCode::DiskMismatch,
-                    format!(
-                        "disk {} exists with {} bytes and block size {}, not {} and {}",
-                        dd.disk_id, m.size, m.block_size, dd.size, dd.block_size
-                    ),
-                ));
-            }
+        let vol = FileVolume::open(&vpath).map_err(internal)?;
+        if vol.size() < dd.size {
+            return Err(internal(slipway_store::StoreError::TooSmall {
+                path: vpath.display().to_string(),
+                actual: vol.size(),
+                expected: dd.size,
+            }));
         }
-        let (vol, created) = FileVolume::open_or_create(&vol_path, dd.size).map_err(internal)?;
         let (resume, mut meta) = match existing {
             Some(m) if !created && m.agent_run == run => (ResumeKind::Resume, m),
             Some(m) if !created => (ResumeKind::Resync, m),
@@ -645,6 +685,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         size: d.size,
         block_size: d.block_size,
         start_seq: durable,
+        volume_id: vh.volume_id.clone(),
         applier: Mutex::new(Some(applier)),
         handle_cell,
         acks: ack_rx,

@@ -70,8 +70,20 @@ pub struct Manifest {
     pub size_bytes: u64,
     /// How long the appliers were held, ms.
     pub pause_ms: u64,
+    /// Remote snapshots holding the data (AWS backend); empty on the local default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<RemoteRef>,
     /// From the request to the manifest, ms.
     pub duration_ms: u64,
+}
+
+/// One disk's remote snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteRef {
+    pub disk: String,
+    pub snapshot_id: String,
+    pub volume_id: String,
 }
 
 impl Manifest {
@@ -89,7 +101,7 @@ pub struct DiskShape<'a> {
 }
 
 /// Result of verifying a restore point.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub blocks_checked: u64,
     pub bytes_checked: u64,
@@ -101,6 +113,9 @@ pub struct VerifyReport {
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     root: PathBuf,
+    /// Manifests only: the block data lives elsewhere (EBS snapshots), hashes are kept for
+    /// verification.
+    hash_only: bool,
 }
 
 fn io_at(what: &str, p: &Path) -> impl FnOnce(io::Error) -> StoreError {
@@ -109,7 +124,24 @@ fn io_at(what: &str, p: &Path) -> impl FnOnce(io::Error) -> StoreError {
 
 impl SnapshotStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        SnapshotStore { root: root.into() }
+        SnapshotStore {
+            root: root.into(),
+            hash_only: false,
+        }
+    }
+
+    /// A store that keeps manifests (with every block's hash) but no block data: for restore
+    /// points whose data is in remote snapshots. `stored_bytes` then counts the bytes of
+    /// blocks that differ from the parent (what an incremental snapshot holds).
+    pub fn hash_only(root: impl Into<PathBuf>) -> Self {
+        SnapshotStore {
+            root: root.into(),
+            hash_only: true,
+        }
+    }
+
+    pub fn is_hash_only(&self) -> bool {
+        self.hash_only
     }
 
     fn source_dir(&self, source: &str) -> PathBuf {
@@ -228,7 +260,13 @@ impl SnapshotStore {
                 continue;
             }
             let hash = hex::encode(Sha256::digest(&data));
-            stored += self.put_block(source, &hash, &data)?;
+            if self.hash_only {
+                if parent.map_or(true, |p| p.blocks[b as usize] != hash) {
+                    stored += data.len() as u64;
+                }
+            } else {
+                stored += self.put_block(source, &hash, &data)?;
+            }
             blocks.push(hash);
         }
         Ok(DiskManifest {
@@ -437,6 +475,7 @@ mod tests {
             size_bytes: disk.stored_bytes,
             disks: vec![disk],
             pause_ms: 0,
+            remote: vec![],
             duration_ms: 0,
         }
     }
