@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DATA_DIR ?= ./var
 
-.PHONY: run test lint fmt build bench soak fuzz ami clean
+.PHONY: run test lint fmt build bench bench-deps soak fuzz ami clean
 
 ## Run the server on its embedded local default: QUIC 127.0.0.1:1500, metrics 127.0.0.1:9500, data in ./var
 run:
@@ -21,6 +21,19 @@ fmt:
 
 build:
 	$(CARGO) build --workspace
+
+## Benchmarks (issue 7): Slipway beside dd and nbdcopy→qemu-nbd in one run; rewrites
+## docs/benchmarks.md. BENCH_ARGS="--quick" to try it (1 run, small sizes, writes
+## target/bench/benchmarks.md), BENCH_ARGS="--scenario 4" for one scenario. Needs root for
+## scenario 2 (network namespaces, TUN).
+BENCH_ARGS ?=
+bench: bench-deps
+	$(CARGO) build --release -p slipway --bins
+	$(CARGO) build --release -p slipway-bench
+	./target/release/slipway-bench $(BENCH_ARGS); rc=$$?; ./target/release/slipway-bench cleanup; exit $$rc
+
+bench-deps:
+	@bash bench/deps.sh
 
 clean:
 	$(CARGO) clean
