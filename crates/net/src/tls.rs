@@ -137,10 +137,33 @@ impl ServerIdentity {
 
     /// The quinn server config: TLS 1.3 only, ALPN `slipway/1`.
     pub fn server_config(&self, tuning: &Tuning) -> Result<quinn::ServerConfig, TlsError> {
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        self.server_config_with(tuning, None)
+    }
+
+    /// Like [`ServerIdentity::server_config`]; with `client_ca`, every agent must present a
+    /// client certificate issued by one of the CAs in that PEM file (mutual TLS).
+    pub fn server_config_with(
+        &self,
+        tuning: &Tuning,
+        client_ca: Option<&Path>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_no_client_auth()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let roots = load_roots(path)?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider(),
+                )
+                .build()
+                .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut tls = builder
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         tls.alpn_protocols = vec![slipway_proto::ALPN.to_vec()];
@@ -167,35 +190,21 @@ pub fn client_config(
     trust: &ServerTrust,
     tuning: &Tuning,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_with(trust, tuning, None)
+}
+
+/// Like [`client_config`], presenting `client_identity` (certificate chain and key) to servers
+/// that require mutual TLS.
+pub fn client_config_with(
+    trust: &ServerTrust,
+    tuning: &Tuning,
+    client_identity: Option<&ServerIdentity>,
+) -> Result<quinn::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut tls = match trust {
-        ServerTrust::CaFile(path) => {
-            let pem = fs::read(path).map_err(|source| TlsError::Io {
-                what: "reading",
-                path: path.clone(),
-                source,
-            })?;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut &pem[..]) {
-                let c = c.map_err(|source| TlsError::Io {
-                    what: "parsing",
-                    path: path.clone(),
-                    source,
-                })?;
-                roots
-                    .add(c)
-                    .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
-            }
-            if roots.is_empty() {
-                return Err(TlsError::Missing {
-                    path: path.clone(),
-                    what: "PEM certificate",
-                });
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+    let tls = match trust {
+        ServerTrust::CaFile(path) => builder.with_root_certificates(load_roots(path)?),
         ServerTrust::Fingerprint(fp) => {
             let pin = parse_fingerprint(fp)?;
             builder
@@ -204,8 +213,13 @@ pub fn client_config(
                     pin,
                     provider: provider(),
                 }))
-                .with_no_client_auth()
         }
+    };
+    let mut tls = match client_identity {
+        None => tls.with_no_client_auth(),
+        Some(id) => tls
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?,
     };
     tls.alpn_protocols = vec![slipway_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
@@ -213,6 +227,33 @@ pub fn client_config(
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.transport()));
     Ok(cfg)
+}
+
+/// Loads every PEM certificate of `path` as a trust anchor.
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let pem = fs::read(path).map_err(|source| TlsError::Io {
+        what: "reading",
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        let c = c.map_err(|source| TlsError::Io {
+            what: "parsing",
+            path: path.to_owned(),
+            source,
+        })?;
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Missing {
+            path: path.to_owned(),
+            what: "PEM certificate",
+        });
+    }
+    Ok(roots)
 }
 
 /// Parses a SHA-256 fingerprint written as hex, with or without colons.

@@ -403,7 +403,8 @@ pub async fn run(
     };
     let fingerprint = identity.fingerprint();
     let token_key = TokenKey::load_or_create(&dir)?;
-    let server_config = identity.server_config(&settings.tuning)?;
+    let server_config =
+        identity.server_config_with(&settings.tuning, settings.tls_client_ca.as_deref())?;
 
     let endpoint = settings
         .tuning

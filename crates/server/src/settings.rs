@@ -47,10 +47,15 @@ pub struct RawSettings {
     pub listen: Option<String>,
     pub metrics_listen: Option<String>,
     pub log_format: Option<String>,
+    /// `local` (default) or `aws`.
+    pub backend: Option<String>,
     pub tls: RawTls,
     pub replication: RawReplication,
     pub quic: RawQuic,
     pub pit: slipway_pit::RawPitSettings,
+    /// The AWS backend's settings, validated by the binary with `slipway-aws` (the server
+    /// crate does not know the SDK).
+    pub aws: Option<toml::Table>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -59,6 +64,8 @@ pub struct RawTls {
     pub cert: Option<String>,
     pub key: Option<String>,
     pub names: Option<Vec<String>>,
+    /// PEM file of CAs whose client certificates agents must present (mutual TLS).
+    pub client_ca: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -88,6 +95,15 @@ pub struct RawQuic {
     pub socket_buffer: Option<String>,
 }
 
+/// Where volumes and restore points live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Sparse files and the local snapshot store under the data dir.
+    Local,
+    /// One EBS volume per source disk, EBS snapshots as restore points.
+    Aws,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -105,6 +121,11 @@ pub struct Settings {
     /// Certificate and key; `None` means generate under `data_dir/tls`.
     pub tls_cert: Option<(PathBuf, PathBuf)>,
     pub tls_names: Vec<String>,
+    /// Mutual TLS: agents must present a client certificate issued by one of these CAs.
+    pub tls_client_ca: Option<PathBuf>,
+    pub backend: BackendKind,
+    /// The raw `[aws]` table (validated by the binary) and the file it came from.
+    pub aws: Option<(toml::Table, String)>,
     /// Server-wide receive throttle in bytes per second (0 = unthrottled).
     pub bandwidth_bytes_per_sec: u64,
     pub compression: bool,
@@ -231,6 +252,17 @@ impl Settings {
             return Err(bad("tls.names", "needs at least one name".into()));
         }
 
+        let backend = match raw.backend.as_deref().unwrap_or("local") {
+            "local" => BackendKind::Local,
+            "aws" => BackendKind::Aws,
+            o => return Err(bad("backend", format!("{o:?} is not one of local, aws"))),
+        };
+        if backend == BackendKind::Local && raw.aws.is_some() {
+            return Err(bad(
+                "aws",
+                "is set but backend is \"local\"; set backend = \"aws\" to use it".into(),
+            ));
+        }
         let r = &raw.replication;
         let mbps = r.bandwidth_mbps.unwrap_or(0);
         if mbps > 1_000_000 {
@@ -337,6 +369,9 @@ impl Settings {
             log_format,
             tls_cert,
             tls_names,
+            tls_client_ca: raw.tls.client_ca.as_ref().map(PathBuf::from),
+            backend,
+            aws: raw.aws.clone().map(|t| (t, file.to_string())),
             bandwidth_bytes_per_sec: mbps * 1_000_000 / 8,
             compression: r.compression.unwrap_or(true),
             heartbeat,
@@ -460,6 +495,14 @@ mod tests {
 
         let e = load("[pit]\ntiers = []\n").unwrap_err().to_string();
         assert!(e.contains("key `pit`"), "{e}");
+
+        let e = load("backend = \"gcp\"\n").unwrap_err().to_string();
+        assert!(e.contains("key `backend`") && e.contains("gcp"), "{e}");
+
+        let e = load("[aws]\nregion = \"us-east-1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `aws`"), "{e}");
 
         let e = load("this is not toml").unwrap_err().to_string();
         assert!(e.contains("/etc/slipway/slipway.toml"), "{e}");
