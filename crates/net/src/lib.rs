@@ -212,6 +212,9 @@ pub enum FrameIoError {
     /// The bytes are not a valid frame.
     #[error("bad frame: {0}")]
     Decode(#[from] DecodeError),
+    /// A frame began but did not finish in time.
+    #[error("a frame stalled: not complete within {0:?} of its first byte")]
+    Stalled(std::time::Duration),
 }
 
 /// Reads one frame. `Ok(None)` when the stream finished cleanly at a frame boundary. The header
@@ -230,11 +233,36 @@ pub async fn read_frame_with(
     lz4: bool,
 ) -> Result<Option<Frame>, FrameIoError> {
     let mut head = [0u8; HEADER_LEN];
-    let mut got = 0;
+    // Between frames a stream may be idle as long as the connection lives; once a frame has
+    // begun, all of it must arrive within MID_FRAME_TIMEOUT (no slowloris holding a stream).
+    let first = match recv.read(&mut head).await? {
+        Some(n) => n,
+        None => return Ok(None),
+    };
+    match tokio::time::timeout(
+        MID_FRAME_TIMEOUT,
+        finish_frame(recv, head, first, max_body, lz4),
+    )
+    .await
+    {
+        Ok(r) => r.map(Some),
+        Err(_) => Err(FrameIoError::Stalled(MID_FRAME_TIMEOUT)),
+    }
+}
+
+/// How long the rest of a frame may take once its first byte arrived.
+pub const MID_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn finish_frame(
+    recv: &mut quinn::RecvStream,
+    mut head: [u8; HEADER_LEN],
+    mut got: usize,
+    max_body: u32,
+    lz4: bool,
+) -> Result<Frame, FrameIoError> {
     while got < HEADER_LEN {
         match recv.read(&mut head[got..]).await? {
             Some(n) => got += n,
-            None if got == 0 => return Ok(None),
             None => return Err(FrameIoError::UnexpectedEnd),
         }
     }
@@ -247,7 +275,7 @@ pub async fn read_frame_with(
         .into());
     }
     let body = read_body(recv, h.body_len as usize).await?;
-    Ok(Some(Frame::decode_body(h, body)?))
+    Ok(Frame::decode_body(h, body)?)
 }
 
 async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, FrameIoError> {

@@ -809,6 +809,9 @@ async fn receive_writes(
             Err(FrameIoError::Decode(e)) => {
                 return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string()))
             }
+            Err(e @ FrameIoError::Stalled(_)) => {
+                return Err(ErrorFrame::for_disk(ErrorCode::Malformed, h, e.to_string()))
+            }
             Err(_) => return Ok(()), // connection or stream gone: nothing to answer
         };
         if let Some(err) = &disk.acks.borrow().failed {
