@@ -125,13 +125,17 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Replicate(args) => match replicate_cmd(args) {
             Ok(code) => code,
-            Err(e) => {
-                let code = e
-                    .downcast_ref::<AgentError>()
-                    .map_or(1, AgentError::exit_code);
-                eprintln!("error: {e:#}");
-                ExitCode::from(code)
-            }
+            Err(e) => match e.downcast_ref::<AgentError>() {
+                // Agent errors already say what caused them, in one sentence.
+                Some(a) => {
+                    eprintln!("error: {a}");
+                    ExitCode::from(a.exit_code())
+                }
+                None => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            },
         },
     }
 }

@@ -236,10 +236,11 @@ impl Source {
             ResumeKind::Resume => {
                 // A resume is only as good as the server's claim; when it cannot be true of
                 // this run, rewriting the whole volume is the one safe answer.
+                // A durable point below an earlier ack is fine: the server's metadata may lag
+                // its volume (never lead it), and what it acked is on the volume; resending
+                // what is retained (all above that ack) is enough.
                 let overruled = if d.pass.is_none() {
                     Some("nothing of this disk was sent in this run yet")
-                } else if durable_seq < d.acked {
-                    Some("the server's durable point is behind what it acknowledged before")
                 } else if durable_seq > last_assigned {
                     Some("the server's durable point is ahead of anything this run sent")
                 } else if d.retained.max_payload() > max_write {
@@ -256,7 +257,7 @@ impl Source {
                 }
                 let released = d.retained.release(durable_seq);
                 count_acked(&mut d.stats, &released);
-                d.acked = durable_seq;
+                d.acked = d.acked.max(durable_seq);
                 d.sent = durable_seq;
                 return OpenOutcome::Resumed {
                     released,
@@ -737,6 +738,36 @@ mod tests {
     }
 
     #[test]
+    fn a_lagging_durable_point_resumes_with_what_is_retained() {
+        // The server acked 2, crashed, and its metadata says 0: acked ops are on its volume,
+        // the retained ones (all above 2) are resent.
+        let mut s = src(1);
+        let g = fresh(&mut s, 0, 1);
+        s.enqueue(
+            0,
+            g,
+            &mut (0..4).map(|i| write(i * 512, 512)).collect(),
+            0,
+            2048,
+        )
+        .unwrap();
+        s.ack(0, 1, 2).unwrap();
+        match s.open(0, 2, 1, ResumeKind::Resume, 0, MW) {
+            OpenOutcome::Resumed { released, resend } => {
+                assert!(released.ops.is_empty());
+                assert_eq!(resend, 2);
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(s.send_from(0, 2).unwrap(), 0);
+        assert_eq!(seqs(&s, 0, 2), vec![3, 4]);
+        // The pass goes on; a later ack below the old one changes nothing.
+        s.enqueue(0, g, &mut vec![write(4096, 512)], 0, 4608)
+            .unwrap();
+        assert!(s.ack(0, 2, 1).unwrap().ops.is_empty());
+    }
+
+    #[test]
     fn impossible_resumes_are_overruled_with_a_resync() {
         // Nothing sent yet in this run.
         let mut s = src(1);
@@ -744,19 +775,6 @@ mod tests {
             s.open(0, 1, 1, ResumeKind::Resume, 0, MW),
             OpenOutcome::Restarted {
                 kind: PassKind::Resync,
-                overruled: Some(_),
-                ..
-            }
-        ));
-        // Durable point behind an earlier ack.
-        let mut s = src(1);
-        let g = fresh(&mut s, 0, 1);
-        s.enqueue(0, g, &mut vec![write(0, 512), write(512, 512)], 0, 1024)
-            .unwrap();
-        s.ack(0, 1, 2).unwrap();
-        assert!(matches!(
-            s.open(0, 2, 1, ResumeKind::Resume, 1, MW),
-            OpenOutcome::Restarted {
                 overruled: Some(_),
                 ..
             }
