@@ -601,62 +601,23 @@ fn pass_loop(
     disk: usize,
     kind: PassKind,
     gen: u64,
-    mut hashes: Option<&mut ChunkHashes>,
+    hashes: Option<&mut ChunkHashes>,
 ) -> Result<PassEnd, DiskError> {
     let src = &shared.disks[disk];
     let chunk = u64::from(shared.cfg.chunk_size);
+    let unit = read_unit(chunk, shared.cfg.window);
     let mut planner = Planner::new(shared.cfg.block_size, kind.zero_policy());
     let mut ops: Vec<PlannedOp> = Vec::new();
-    let mut offset = 0u64;
-    while offset < src.size {
-        if shared.stopped() {
-            return Ok(PassEnd::Stopped);
-        }
-        let len = chunk.min(src.size - offset);
-        // Wait for room in the window before reading: memory stays bounded by --window.
-        let Ok(permit) = rt.block_on(shared.window.acquire_many(len as u32)) else {
-            return Ok(PassEnd::Stopped);
+    let end = if kind == PassKind::Follow {
+        let Some(t) = hashes else {
+            return Ok(PassEnd::Done);
         };
-        permit.forget();
-        let mut buf = vec![0u8; len as usize];
-        if let Err(e) = src.read_at(&mut buf, offset) {
-            shared.release_window(len);
-            return Err(e);
-        }
-        let data = Bytes::from(buf);
-        let hash = hashes.as_ref().map(|_| ChunkHashes::hash(&data));
-        let unchanged = kind == PassKind::Follow
-            && matches!((&hashes, hash), (Some(t), Some(h)) if !t.changed(offset, h));
-        let mut extra = 0;
-        if !unchanged {
-            let max_write = shared
-                .max_write
-                .load(Ordering::Relaxed)
-                .min(shared.cfg.chunk_size) as usize;
-            let shares = planner.chunk(offset, &data, max_write, &mut ops);
-            if shares {
-                let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
-                extra = len.saturating_sub(sent);
-            }
-        }
-        let had_ops = !ops.is_empty();
-        let r = shared
-            .lock()
-            .enqueue(disk, gen, &mut ops, extra, offset + len);
-        match r {
-            Ok(charged) => shared.release_window(len.saturating_sub(charged)),
-            Err(_) => {
-                shared.release_window(len);
-                return Ok(PassEnd::Stale);
-            }
-        }
-        if had_ops {
-            shared.send_wake[disk].notify_one();
-        }
-        if let (Some(t), Some(h)) = (hashes.as_deref_mut(), hash) {
-            t.record(offset, h);
-        }
-        offset += len;
+        rescan(shared, rt, disk, gen, unit, &mut planner, &mut ops, t)?
+    } else {
+        full_pass(shared, rt, disk, gen, unit, &mut planner, &mut ops, hashes)?
+    };
+    if let Some(e) = end {
+        return Ok(e);
     }
     planner.finish(&mut ops);
     let mut s = shared.lock();
@@ -666,6 +627,145 @@ fn pass_loop(
     drop(s);
     shared.send_wake[disk].notify_one();
     Ok(PassEnd::Done)
+}
+
+/// Bytes read per `pread`: whole chunks, about 1 MiB (small chunks would otherwise cost a
+/// system call each), never more than the window.
+fn read_unit(chunk: u64, window: u64) -> u64 {
+    let unit = (1u64 << 20).max(chunk) / chunk * chunk;
+    unit.min(window / chunk * chunk).max(chunk)
+}
+
+/// The largest write of the current connection, within the chunk size.
+fn max_write(shared: &Shared) -> usize {
+    shared
+        .max_write
+        .load(Ordering::Relaxed)
+        .min(shared.cfg.chunk_size) as usize
+}
+
+/// Waits for `len` bytes of window; `None` when the run is stopping.
+fn take_window(shared: &Shared, rt: &tokio::runtime::Handle, len: u64) -> Option<()> {
+    rt.block_on(shared.window.acquire_many(len as u32))
+        .ok()
+        .map(|p| p.forget())
+}
+
+/// Every chunk of the disk, planned unit by unit. `Some(end)` when the pass ends early.
+#[allow(clippy::too_many_arguments)]
+fn full_pass(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    disk: usize,
+    gen: u64,
+    unit: u64,
+    planner: &mut Planner,
+    ops: &mut Vec<PlannedOp>,
+    mut hashes: Option<&mut ChunkHashes>,
+) -> Result<Option<PassEnd>, DiskError> {
+    let src = &shared.disks[disk];
+    let chunk = u64::from(shared.cfg.chunk_size);
+    let mut offset = 0u64;
+    while offset < src.size {
+        if shared.stopped() {
+            return Ok(Some(PassEnd::Stopped));
+        }
+        let len = unit.min(src.size - offset);
+        // Wait for room in the window before reading: memory stays bounded by --window.
+        if take_window(shared, rt, len).is_none() {
+            return Ok(Some(PassEnd::Stopped));
+        }
+        let mut buf = vec![0u8; len as usize];
+        if let Err(e) = src.read_at(&mut buf, offset) {
+            shared.release_window(len);
+            return Err(e);
+        }
+        let data = Bytes::from(buf);
+        if let Some(t) = hashes.as_deref_mut() {
+            for (i, c) in data.chunks(chunk as usize).enumerate() {
+                t.record(offset + i as u64 * chunk, ChunkHashes::hash(c));
+            }
+        }
+        let mut extra = 0;
+        if planner.chunk(offset, &data, max_write(shared), ops) {
+            let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
+            extra = len.saturating_sub(sent);
+        }
+        let had_ops = !ops.is_empty();
+        let r = shared.lock().enqueue(disk, gen, ops, extra, offset + len);
+        match r {
+            Ok(charged) => shared.release_window(len.saturating_sub(charged)),
+            Err(_) => {
+                shared.release_window(len);
+                return Ok(Some(PassEnd::Stale));
+            }
+        }
+        if had_ops {
+            shared.send_wake[disk].notify_one();
+        }
+        offset += len;
+    }
+    Ok(None)
+}
+
+/// Follow mode: rereads the disk into one scratch buffer and sends the chunks whose hash
+/// moved. Only a changed chunk takes window space and a copy, and it is queued at once, so
+/// no window is held while waiting for more.
+#[allow(clippy::too_many_arguments)]
+fn rescan(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    disk: usize,
+    gen: u64,
+    unit: u64,
+    planner: &mut Planner,
+    ops: &mut Vec<PlannedOp>,
+    hashes: &mut ChunkHashes,
+) -> Result<Option<PassEnd>, DiskError> {
+    let src = &shared.disks[disk];
+    let chunk = u64::from(shared.cfg.chunk_size);
+    let mut scratch = vec![0u8; unit as usize];
+    let mut offset = 0u64;
+    while offset < src.size {
+        if shared.stopped() {
+            return Ok(Some(PassEnd::Stopped));
+        }
+        if !shared.lock().is_current(disk, gen) {
+            return Ok(Some(PassEnd::Stale));
+        }
+        let len = unit.min(src.size - offset);
+        let buf = &mut scratch[..len as usize];
+        src.read_at(buf, offset)?;
+        for (i, c) in buf.chunks(chunk as usize).enumerate() {
+            let coff = offset + i as u64 * chunk;
+            let h = ChunkHashes::hash(c);
+            if !hashes.changed(coff, h) {
+                continue;
+            }
+            let clen = c.len() as u64;
+            if take_window(shared, rt, clen).is_none() {
+                return Ok(Some(PassEnd::Stopped));
+            }
+            let data = Bytes::copy_from_slice(c);
+            let mut extra = 0;
+            if planner.chunk(coff, &data, max_write(shared), ops) {
+                let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
+                extra = clen.saturating_sub(sent);
+            }
+            let r = shared.lock().enqueue(disk, gen, ops, extra, coff + clen);
+            match r {
+                Ok(charged) => shared.release_window(clen.saturating_sub(charged)),
+                Err(_) => {
+                    shared.release_window(clen);
+                    return Ok(Some(PassEnd::Stale));
+                }
+            }
+            hashes.record(coff, h);
+            shared.send_wake[disk].notify_one();
+        }
+        offset += len;
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -689,6 +789,15 @@ mod tests {
         for _ in 0..100 {
             assert!(b.next_delay(0.99) <= Duration::from_secs(10));
         }
+    }
+
+    #[test]
+    fn reads_are_whole_chunks_of_about_a_mebibyte_within_the_window() {
+        assert_eq!(read_unit(4096, 128 << 20), 1 << 20);
+        assert_eq!(read_unit(3 << 20, 128 << 20), 3 << 20);
+        assert_eq!(read_unit(768 << 10, 128 << 20), 768 << 10);
+        assert_eq!(read_unit(4096, 64 << 10), 64 << 10);
+        assert_eq!(read_unit(1 << 20, 1 << 20), 1 << 20);
     }
 
     #[test]

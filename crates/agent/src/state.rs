@@ -309,6 +309,12 @@ impl Source {
         d.initial_done && d.requested.is_none() && d.pass.as_ref().is_some_and(|p| !p.scanning)
     }
 
+    /// Whether pass generation `gen` is still the disk's current one.
+    pub fn is_current(&self, disk: usize, gen: u64) -> bool {
+        let d = &self.disks[disk];
+        d.gen == gen && d.requested.is_none()
+    }
+
     /// Starts a follow-mode rescan. `None` when a full pass is due or running.
     pub fn start_rescan(&mut self, disk: usize) -> Option<u64> {
         if !self.can_rescan(disk) {

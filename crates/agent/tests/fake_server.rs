@@ -682,3 +682,49 @@ async fn throughput() {
         );
     }
 }
+
+/// CPU cost of follow-mode rescans of an idle disk (the bench's scenario 4 shape: 16 MiB,
+/// 4 KiB chunks, every 100 ms).
+/// `cargo test --release -p slipway-agent --test fake_server -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn rescan_cost() {
+    fn cpu_secs() -> f64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    }
+    let server = FakeServer::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("disk");
+    let da = make_disk(&a, 16 << 20, 11);
+    let cfg = config(&server, std::slice::from_ref(&a), TOKEN, |r| {
+        r.follow = true;
+        r.rescan_interval = "100ms".into();
+        r.chunk_size = "4KiB".into();
+    });
+    let (stop_tx, stop_rx) = mpsc::channel(2);
+    let run = tokio::spawn(replicate_until(cfg, Progress::Off, stop_rx));
+    for _ in 0..500 {
+        if server
+            .state
+            .lock()
+            .unwrap()
+            .volumes
+            .get("disk")
+            .is_some_and(|v| v.data == da)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (c0, t0) = (cpu_secs(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu = (cpu_secs() - c0) / t0.elapsed().as_secs_f64();
+    println!(
+        "idle 16 MiB disk, 4 KiB chunks, rescans every 100 ms: {:.1}% of one core",
+        cpu * 100.0
+    );
+    stop_tx.send(()).await.unwrap();
+    run.await.unwrap().unwrap();
+}
