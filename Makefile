@@ -38,3 +38,24 @@ bench-deps:
 clean:
 	$(CARGO) clean
 	rm -rf $(DATA_DIR)
+
+## Kill soak (issue 6): agents in --follow with a changing workload while the server is
+## kill -9ed at random moments; then every replica and restore point is checked. Bounded by
+## SOAK_SECONDS (default 10 minutes). Also runs the long hostile-input test (a slowloris cut
+## off by the 120 s mid-frame timeout). Root needed for nothing here.
+SOAK_SECONDS ?= 600
+soak:
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p slipway --test e2e -- --ignored --nocapture \
+	    --test-threads 2 soak:: reliability::slowloris_stream_is_cut_off_by_the_mid_frame_timeout
+
+## Fuzzing (issue 6): each cargo-fuzz target of crates/proto/fuzz for FUZZ_SECONDS (default
+## 5 minutes each). Stable toolchain, no sanitizer (see docs/reliability.md). The corpus
+## grows in crates/proto/fuzz/corpus; crashes land in crates/proto/fuzz/artifacts.
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= frame_decoder frame_parts handshake
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd crates/proto/fuzz && for t in $(FUZZ_TARGETS); do \
+	    $(CARGO) fuzz run --sanitizer none $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384 \
+	        -print_final_stats=1 || exit 1; \
+	done
