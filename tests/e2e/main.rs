@@ -2,9 +2,12 @@
 //! One test binary (ripgrep style) so the binaries are built and linked once.
 
 mod data_path;
+mod network;
 mod pit_sim;
 mod refusals;
+mod reliability;
 mod restore_points;
+mod soak;
 mod support;
 
 /// Runs `promtool check metrics` on an exposition; panics with its complaints.

@@ -429,3 +429,446 @@ pub fn check_journal(journal: &Path, disk_id: &str, source: &Path, volume: &Path
     }
     n
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fault-injection helpers (issue 6): network namespaces, a small real filesystem, memory
+// figures. Every resource made here is released by a Drop guard, also when a test panics.
+
+/// Runs a command to completion; panics with its output if it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A number no other live test process uses for its namespaces, interfaces and subnet.
+fn unique_slot() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    (std::process::id() % 200) * 8 + n % 8
+}
+
+/// Two network namespaces joined by a veth pair: `a` (the server side, `addr_a`) and `b`
+/// (the agents, `addr_b`), a /24 of 10.0.0.0/8 of their own. Nothing in them can reach
+/// the host's network. Dropping it deletes both namespaces (and with them the veths, the
+/// nft tables and the qdiscs).
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub addr_a: String,
+    pub addr_b: String,
+    veth_a: String,
+    veth_b: String,
+}
+
+impl NetPair {
+    pub fn new() -> NetPair {
+        let slot = unique_slot();
+        let (hi, lo) = (200 + slot / 250, slot % 250 + 1);
+        let p = NetPair {
+            a: format!("slw{slot}a"),
+            b: format!("slw{slot}b"),
+            addr_a: format!("10.{hi}.{lo}.1"),
+            addr_b: format!("10.{hi}.{lo}.2"),
+            veth_a: format!("slwv{slot}a"),
+            veth_b: format!("slwv{slot}b"),
+        };
+        // Leftovers of a crashed earlier run with the same numbers.
+        for ns in [&p.a, &p.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        sh("ip", &["netns", "add", &p.a]);
+        sh("ip", &["netns", "add", &p.b]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &p.veth_a, "type", "veth", "peer", "name", &p.veth_b,
+            ],
+        );
+        sh("ip", &["link", "set", &p.veth_a, "netns", &p.a]);
+        sh("ip", &["link", "set", &p.veth_b, "netns", &p.b]);
+        for (ns, dev, addr) in [(&p.a, &p.veth_a, &p.addr_a), (&p.b, &p.veth_b, &p.addr_b)] {
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev],
+            );
+            sh("ip", &["-n", ns, "link", "set", dev, "up"]);
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        // Both directions pass through the server namespace's filter table.
+        p.nft(&["add", "table", "inet", "slw"]);
+        for (chain, hook) in [("in", "input"), ("out", "output")] {
+            p.nft(&[
+                "add",
+                "chain",
+                "inet",
+                "slw",
+                chain,
+                &format!("{{ type filter hook {hook} priority 0; policy accept; }}"),
+            ]);
+        }
+        p
+    }
+
+    /// `nft` in namespace `a`.
+    pub fn nft(&self, args: &[&str]) -> String {
+        let mut v = vec!["netns", "exec", &self.a, "nft"];
+        v.extend_from_slice(args);
+        sh("ip", &v)
+    }
+
+    /// Drops `percent` % of the UDP packets on the veth, each way, at random (nft numgen).
+    pub fn lose(&self, percent: u32) {
+        self.clear();
+        let p = percent.to_string();
+        for (chain, dir) in [("in", "iifname"), ("out", "oifname")] {
+            self.nft(&[
+                "add",
+                "rule",
+                "inet",
+                "slw",
+                chain,
+                dir,
+                &self.veth_a,
+                "meta",
+                "l4proto",
+                "udp",
+                "numgen",
+                "random",
+                "mod",
+                "100",
+                "<",
+                &p,
+                "counter",
+                "drop",
+            ]);
+        }
+    }
+
+    /// Drops every packet on the veth, both ways.
+    pub fn partition(&self) {
+        self.clear();
+        for (chain, dir) in [("in", "iifname"), ("out", "oifname")] {
+            self.nft(&[
+                "add",
+                "rule",
+                "inet",
+                "slw",
+                chain,
+                dir,
+                &self.veth_a,
+                "counter",
+                "drop",
+            ]);
+        }
+    }
+
+    /// Removes every drop rule.
+    pub fn clear(&self) {
+        self.nft(&["flush", "chain", "inet", "slw", "in"]);
+        self.nft(&["flush", "chain", "inet", "slw", "out"]);
+    }
+
+    /// Packets dropped by the current rules so far.
+    pub fn dropped(&self) -> u64 {
+        let text = self.nft(&["list", "table", "inet", "slw"]);
+        text.split("packets ")
+            .skip(1)
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Limits what namespace `b` sends (the agents' data) to `mbit` Mbit/s (tbf).
+    pub fn rate_limit(&self, mbit: u32) {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.b,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                &self.veth_b,
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "256kb",
+                "latency",
+                "100ms",
+            ],
+        );
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Server {
+    /// `ip netns exec NS slipway serve --listen IP:0`: the server inside a namespace. Its
+    /// metrics listener is the namespace's own loopback (not reachable from the test); use the
+    /// CLI (admin socket in the data dir) and [`vm_kib`] instead.
+    pub fn start_in_netns(data_dir: &Path, ns: &str, ip: &str, extra: &[&str]) -> Server {
+        Self::start_in_netns_on(data_dir, ns, &format!("{ip}:0"), extra)
+    }
+
+    /// Starts again inside `ns` on the same data dir, address and port.
+    pub fn restart_in_netns(&mut self, ns: &str) {
+        let extra: Vec<String> = self.extra.clone();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let s =
+            Server::start_in_netns_on(&self.data_dir.clone(), ns, &self.listen.to_string(), &extra);
+        drop(std::mem::replace(self, s));
+    }
+
+    fn start_in_netns_on(data_dir: &Path, ns: &str, listen: &str, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("server.log"))
+            .unwrap();
+        // `ip netns exec` enters the namespace and execs: the child's pid is the server's.
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, SLIPWAY, "serve", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawning slipway serve in a namespace");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let ready: serde_json::Value = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                        if v["event"] == "ready" {
+                            break v;
+                        }
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    let log =
+                        std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+                    panic!("server exited before it was ready; log:\n{log}");
+                }
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            data_dir: data_dir.to_owned(),
+            listen: ready["listen"].as_str().unwrap().parse().unwrap(),
+            metrics: ready["metrics_listen"].as_str().unwrap().parse().unwrap(),
+            fingerprint: ready["fingerprint"].as_str().unwrap().to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// The disk's entry in `slipway status --json` (null if absent).
+    pub fn disk_report(&self, source: &str, disk: &str) -> serde_json::Value {
+        let st = self.status();
+        st["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["id"] == source)
+            .flat_map(|s| s["disks"].as_array().unwrap().iter())
+            .find(|d| d["id"] == disk)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Peak resident memory of the server process so far (VmHWM), KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        vm_kib(self.child.id(), "VmHWM")
+    }
+
+    /// Resident memory of the server process now (VmRSS), KiB.
+    pub fn rss_kib(&self) -> u64 {
+        vm_kib(self.child.id(), "VmRSS")
+    }
+}
+
+/// A `Vm*` field of /proc/PID/status in KiB (0 if the process is gone).
+pub fn vm_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// `ip netns exec NS slipway-agent replicate ...` against `server` (which must be
+    /// reachable from `ns` at `server.listen`).
+    pub fn start_in_netns(
+        server: &Server,
+        ns: &str,
+        source: &str,
+        token: &str,
+        disks: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let log = server
+            .data_dir
+            .join(format!("agent-{source}-{}.log", rand::random::<u32>()));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, AGENT, "replicate"])
+            .args(["--server", &server.listen.to_string()])
+            .args(["--server-fingerprint", &server.fingerprint])
+            .args(["--source-id", source, "--token", token]);
+        for d in disks {
+            cmd.arg("--disk").arg(d);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&log).unwrap()));
+        Agent {
+            child: cmd.spawn().expect("spawning slipway-agent in a namespace"),
+            log,
+        }
+    }
+}
+
+/// A small ext4 filesystem in an image file, loop-mounted at `mount` (no blocks reserved for
+/// root, so "full" means full for the server too). Unmounted and removed on drop; anything
+/// using it must be stopped first (declare the guard before the server).
+pub struct SmallFs {
+    pub mount: PathBuf,
+    image: PathBuf,
+}
+
+impl SmallFs {
+    pub fn new(dir: &Path, mib: u64) -> SmallFs {
+        let image = dir.join("small-fs.img");
+        let mount = dir.join("small-fs");
+        std::fs::create_dir_all(&mount).unwrap();
+        File::create(&image).unwrap().set_len(mib << 20).unwrap();
+        sh(
+            "mkfs.ext4",
+            &["-q", "-F", "-m", "0", image.to_str().unwrap()],
+        );
+        sh(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                image.to_str().unwrap(),
+                mount.to_str().unwrap(),
+            ],
+        );
+        SmallFs { mount, image }
+    }
+
+    /// Bytes free for new data.
+    pub fn avail(&self) -> u64 {
+        let out = sh("stat", &["-f", "-c", "%a %S", self.mount.to_str().unwrap()]);
+        let v: Vec<u64> = out.split_whitespace().map(|s| s.parse().unwrap()).collect();
+        v[0] * v[1]
+    }
+
+    /// Allocates a filler file so that about `leave` bytes stay free; returns its path.
+    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let p = self.mount.join("filler");
+        let n = self.avail().saturating_sub(leave);
+        sh("fallocate", &["-l", &n.to_string(), p.to_str().unwrap()]);
+        sh("sync", &[]);
+        p
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let m = self.mount.to_str().unwrap();
+        if Command::new("umount")
+            .arg(m)
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            let _ = Command::new("umount").args(["-l", m]).output();
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Bytes of all ranges in an ack journal (all disks).
+pub fn journal_acked_bytes(journal: &Path) -> u64 {
+    std::fs::read_to_string(journal)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Whether two files have the same first `len` bytes (false if either is short or missing).
+pub fn same_bytes(a: &Path, b: &Path, len: u64) -> bool {
+    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
+        return false;
+    };
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let n = ((len - off) as usize).min(ba.len());
+        if fa.read_exact_at(&mut ba[..n], off).is_err()
+            || fb.read_exact_at(&mut bb[..n], off).is_err()
+            || ba[..n] != bb[..n]
+        {
+            return false;
+        }
+        off += n as u64;
+    }
+    true
+}
+
+/// SHA-256 of a whole file, hex.
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    let mut f = File::open(p).unwrap();
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The value of a Prometheus sample line that starts with `prefix` (0 if absent).
+pub fn metric(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
