@@ -186,6 +186,9 @@ fn bench(cli: Cli) -> Result<()> {
     };
     scenarios::cleanup_namespaces();
     machine_info(&mut ctx);
+    ctx.report
+        .machine
+        .push(("load average at the start (1/5/15 min)".into(), loadavg()));
     eprintln!(
         "slipway-bench: scenarios {:?}, {} run(s) each{}, budget {} s, scratch {}",
         want,
@@ -217,7 +220,7 @@ fn bench(cli: Cli) -> Result<()> {
             eprintln!("scenario {s} failed: {e:#}");
             ctx.report.note(
                 &format!("scenario {s}"),
-                format!("FAILED in this run: {e:#}"),
+                format!("FAILED in this run: {}", one_paragraph(&format!("{e:#}"))),
             );
             let label = if s == "profile" {
                 "profile".to_string()
@@ -235,6 +238,9 @@ fn bench(cli: Cli) -> Result<()> {
         scenarios::cleanup_namespaces();
     }
     let total = started.elapsed();
+    ctx.report
+        .machine
+        .push(("load average at the end (1/5/15 min)".into(), loadavg()));
     ctx.report.header.push(format!(
         "This run: scenarios {}, {} run(s) per figure{}, {:.1} min in all (`make bench` must stay \
          under 20 min), {}.",
@@ -270,6 +276,22 @@ fn order_key(id: &str) -> (u32, String) {
         id.chars().next().and_then(|c| c.to_digit(10)).unwrap_or(99),
         id.to_string(),
     )
+}
+
+/// An error as one markdown-safe paragraph of at most 600 characters.
+fn one_paragraph(s: &str) -> String {
+    let t: String = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ⏎ ")
+        .replace('|', "\\|");
+    if t.chars().count() > 600 {
+        format!("{}…", t.chars().take(600).collect::<String>())
+    } else {
+        t
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -401,6 +423,16 @@ fn machine_info(ctx: &mut Ctx) {
             rel(&ctx.bins.agent)
         ),
     ));
+}
+
+/// /proc/loadavg's three averages: anything else running on the machine shows here.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 fn yes(b: bool) -> &'static str {

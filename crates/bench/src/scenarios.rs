@@ -233,6 +233,7 @@ fn nbd_run(
     };
     let result = (|| -> Result<NbdRun> {
         let cpu0 = util::proc_cpu(qpid)?;
+        let wchar0 = util::proc_io(qpid, "wchar").unwrap_or(0);
         let progress = dst.with_extension("progress");
         let mut c = slipway::command_in(client_ns, &nbdcopy);
         c.args(["--flush", "--progress=2"])
@@ -247,6 +248,9 @@ fn nbd_run(
         let (e, cut) = p.wait_capped(cap)?;
         let wall = t.elapsed().as_secs_f64();
         let cpu1 = util::proc_cpu(qpid)?;
+        let wchar = util::proc_io(qpid, "wchar")
+            .unwrap_or(0)
+            .saturating_sub(wchar0);
         if !cut && !e.status.success() {
             bail!(
                 "nbdcopy failed ({}): {}",
@@ -268,7 +272,10 @@ fn nbd_run(
             let written = std::fs::metadata(dst)
                 .map(|m| m.blocks() * 512)
                 .unwrap_or(0);
-            (size as f64 * pct / 100.0).max(written.min(size) as f64)
+            // qemu-nbd's own count of bytes it wrote (pwrite) is the finest of all.
+            (size as f64 * pct / 100.0)
+                .max(written.min(size) as f64)
+                .max(wchar.min(size) as f64)
         } else {
             size as f64
         };
@@ -460,6 +467,7 @@ pub fn s1_initial_sync(ctx: &mut Ctx) -> Result<()> {
     let (mut sw_w, mut sw_scpu, mut sw_acpu, mut sw_hwm, mut sw_flush, mut sw_syncs) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut nc_w, mut nc_scpu, mut nc_acpu) = (vec![], vec![], vec![]);
+    let (mut bb_w, mut bb_scpu, mut bb_acpu) = (vec![], vec![], vec![]);
     let (mut r_nbd, mut r_dd, mut r_nc_nbd, mut r_scpu, mut r_acpu) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut identical = true;
@@ -475,9 +483,10 @@ pub fn s1_initial_sync(ctx: &mut Ctx) -> Result<()> {
         eprintln!("   run {}/{}", i + 1, ctx.runs);
         // The order rotates from run to run, so no contender always runs first (on this VM
         // memory that was freed a while ago is slower to touch again).
-        let (mut dd, mut fio, mut nbd, mut sw, mut nc) = (None, None, None, None, None);
-        for k in 0..5 {
-            match (k + i) % 5 {
+        let (mut dd, mut fio, mut nbd, mut sw, mut nc, mut bb) =
+            (None, None, None, None, None, None);
+        for k in 0..6 {
+            match (k + i) % 6 {
                 0 => dd = Some(dd_run(ctx, "1 (disk limit)", &src, &dst)?),
                 1 => fio = Some(fio_run(ctx, "1 (disk limit)", size, &dst)?),
                 2 => {
@@ -508,6 +517,21 @@ pub fn s1_initial_sync(ctx: &mut Ctx) -> Result<()> {
                         },
                     )?)
                 }
+                5 => {
+                    bb = Some(slipway_sync(
+                        ctx,
+                        &src,
+                        size,
+                        &SyncOpts {
+                            id: "1 (Slipway)",
+                            label: "s1bbr",
+                            agent_extra: &["--congestion", "bbr"],
+                            check: false,
+                            profile: false,
+                            data_parent: None,
+                        },
+                    )?)
+                }
                 _ => {
                     nc = Some(slipway_sync(
                         ctx,
@@ -525,13 +549,17 @@ pub fn s1_initial_sync(ctx: &mut Ctx) -> Result<()> {
                 }
             }
         }
-        let (dd, fio, nbd, sw, nc) = (
+        let (dd, fio, nbd, sw, nc, bb) = (
             dd.unwrap(),
             fio.unwrap(),
             nbd.unwrap(),
             sw.unwrap(),
             nc.unwrap(),
+            bb.unwrap(),
         );
+        bb_w.push(bb.wall);
+        bb_scpu.push(bb.server_cpu / gib);
+        bb_acpu.push(bb.agent_cpu / gib);
         eprintln!(
             "   dd {:.2} s, nbdcopy {:.2} s, slipway {:.2} s (--no-compress {:.2} s); server {:.2} CPU-s, qemu-nbd {:.2} CPU-s",
             dd.wall, nbd.wall, sw.wall, nc.wall, sw.server_cpu, nbd.server_cpu
@@ -652,6 +680,27 @@ pub fn s1_initial_sync(ctx: &mut Ctx) -> Result<()> {
     );
     rep.raw(
         "1",
+        "Slipway, agent --congestion bbr: wall",
+        stat(&bb_w),
+        "s",
+        2,
+    );
+    rep.raw(
+        "7",
+        "server CPU per GiB, agent --congestion bbr",
+        stat(&bb_scpu),
+        "CPU-s/GiB",
+        2,
+    );
+    rep.raw(
+        "7",
+        "agent CPU per GiB, --congestion bbr",
+        stat(&bb_acpu),
+        "CPU-s/GiB",
+        2,
+    );
+    rep.raw(
+        "1",
         "Slipway: fdatasyncs in the sync",
         stat(&sw_syncs),
         "calls",
@@ -706,7 +755,7 @@ pub fn s1_initial_sync(ctx: &mut Ctx) -> Result<()> {
         format!(
             "source: one {size_s} file of seeded random bytes (no zero blocks, incompressible), \
              in the page cache for every contender. Each run: dd, {}nbdcopy→qemu-nbd, Slipway, \
-             Slipway --no-compress, back to back (the order rotates from run to run), each writing a fresh file on the same \
+             Slipway --no-compress, Slipway --congestion bbr, back to back (the order rotates from run to run), each writing a fresh file on the same \
              filesystem and followed by sync(2). Slipway's time is the agent's whole life \
              (connect, TLS, every write durably acked, exit); nbdcopy's likewise (connect, copy, \
              NBD flush = fdatasync, exit); server start-up is outside both. The replica of the \
@@ -1127,7 +1176,7 @@ pub fn s6_resume(ctx: &mut Ctx) -> Result<()> {
     let window: u64 = 128 * MIB; // the agent's --window default
     let src = source(ctx, "src-2g.img", size, 1)?;
     let (mut resent, mut ratio, mut walls, mut at_kill) = (vec![], vec![], vec![], vec![]);
-    let (mut detect, mut resyncs) = (vec![], 0);
+    let (mut detect, mut resyncs, mut server_again) = (vec![], 0, vec![]);
     let mut all_identical = true;
     let est = Duration::from_secs_f64(10.0 * size as f64 / GIB + 20.0);
     for i in 0..ctx.runs {
@@ -1158,8 +1207,11 @@ pub fn s6_resume(ctx: &mut Ctx) -> Result<()> {
         let mut agent = start_agent(&ctx.bins, &spec)?;
         let half = size as f64 / 2.0;
         let mut durable = 0.0;
+        let mut received1 = 0.0;
         let reached = util::poll(Duration::from_secs(300), Duration::from_millis(20), || {
-            durable = server.scrape()?.sum("slipway_disk_durable_bytes_total");
+            let m = server.scrape()?;
+            durable = m.sum("slipway_disk_durable_bytes_total");
+            received1 = m.sum("slipway_disk_received_bytes_total");
             Ok(durable >= half)
         })?;
         if !reached {
@@ -1197,6 +1249,9 @@ pub fn s6_resume(ctx: &mut Ctx) -> Result<()> {
         if text.contains("resyncing instead") {
             resyncs += 1;
         }
+        let received2 = server.scrape()?.sum("slipway_disk_received_bytes_total");
+        let again_server = received1 + received2 - size as f64;
+        server_again.push(again_server / MIB as f64);
         let same = util::same_content(&src, &server.volume("bench", "disk0"), size)?;
         all_identical &= same;
         server.stop();
@@ -1208,7 +1263,7 @@ pub fn s6_resume(ctx: &mut Ctx) -> Result<()> {
             wall
         );
         resent.push(again / MIB as f64);
-        ratio.push(again / window as f64);
+        ratio.push(again.max(again_server) / window as f64);
         walls.push(wall);
         keep_or_remove(&dir);
         util::sync_all();
@@ -1218,17 +1273,25 @@ pub fn s6_resume(ctx: &mut Ctx) -> Result<()> {
         "6",
         "resume after kill -9 of the server mid-sync: bytes sent again ÷ the agent's unacked window (128 MiB)",
         format!(
-            "{} ({} MiB)",
+            "{} (agent: {} MiB, server: {} MiB)",
             fmt_stat(stat(&ratio), 2),
-            fmt_stat(stat(&resent), 0)
+            fmt_stat(stat(&resent), 0),
+            fmt_stat(stat(&server_again), 0)
         ),
         "≤ 1.0",
         verdict_le(stat(&ratio), 1.0, "see notes"),
     );
     rep.raw(
         "6",
-        "bytes sent again after the restart",
+        "bytes sent again, by the agent's `sent` total",
         stat(&resent),
+        "MiB",
+        1,
+    );
+    rep.raw(
+        "6",
+        "bytes received again, by the server's counters (both lives; first read ≤ 20 ms before the kill)",
+        stat(&server_again),
         "MiB",
         1,
     );
@@ -1262,8 +1325,7 @@ pub fn s6_resume(ctx: &mut Ctx) -> Result<()> {
             "{} random disk, default agent (window 128 MiB). The server is killed with \
              SIGKILL once slipway_disk_durable_bytes_total passes half the disk, and started \
              again at once on the same data dir and port; the same agent process reconnects \
-             and resumes. Bytes sent again = the agent's own `sent` total (its summary line) \
-             minus the disk's non-zero bytes (all of it: random data). Replica identical to \
+             and resumes. Bytes sent again = the agent's own `sent` total (its summary line) minus the disk's non-zero bytes (all of it: random data), and from the server slipway_disk_received_bytes_total of its first life (last scrape before the kill: a lower bound) plus its second, minus the disk; the ratio takes the larger. Replica identical to \
              the source after every run: {}.",
             human(size as f64),
             if all_identical { "yes" } else { "**NO**" }
@@ -1402,7 +1464,7 @@ pub fn s3_many_agents(ctx: &mut Ctx) -> Result<()> {
             break;
         }
         // The single-agent reference of this pair.
-        let one = slipway_sync(
+        let one = match slipway_sync(
             ctx,
             &src1,
             big,
@@ -1414,10 +1476,41 @@ pub fn s3_many_agents(ctx: &mut Ctx) -> Result<()> {
                 profile: false,
                 data_parent: None,
             },
-        )?;
+        ) {
+            Ok(x) => x,
+            Err(e) => {
+                let e = format!("{e:#}");
+                let e = e.lines().take(3).collect::<Vec<_>>().join(" ");
+                eprintln!("   run {} failed: {e}", i + 1);
+                ctx.report.note(
+                    "3",
+                    format!(
+                        "run {} failed and is left out: {}",
+                        i + 1,
+                        crate::one_paragraph(&e)
+                    ),
+                );
+                continue;
+            }
+        };
         let r1 = big as f64 / one.wall;
-        let m = many_agents(ctx, n, &src, size)?;
-        let m10 = many_agents(ctx, small, &src, size)?;
+        let (m, m10) = match many_agents(ctx, n, &src, size)
+            .and_then(|m| Ok((m, many_agents(ctx, small, &src, size)?)))
+        {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("   run {} failed: {e:#}", i + 1);
+                ctx.report.note(
+                    "3",
+                    format!(
+                        "run {} failed and is left out: {}",
+                        i + 1,
+                        crate::one_paragraph(&format!("{e:#}"))
+                    ),
+                );
+                continue;
+            }
+        };
         let rate = total / m.wall;
         eprintln!(
             "   {n} agents: {:.2} s ({:.0} MB/s vs {:.0} single), server HWM {} ({} with {small})",
@@ -2385,8 +2478,7 @@ pub fn s2_lossy_wan(ctx: &mut Ctx) -> Result<()> {
              by nbdcopy --flush (namespace A) to qemu-nbd (namespace B) over TCP with the \
              kernel's cubic and bbr (set on the link's route with `ip route … congctl`), and by slipway-agent (A) \
              to slipway serve (B) with --congestion cubic and bbr. Each transfer is capped at \
-             {:.0} s; a cut transfer counts the bytes it completed (nbdcopy's --progress or \
-             the blocks allocated in qemu-nbd's output file, Slipway's replicated_bytes) over the cap. {}Last emulator counters: `{}`.",
+             {:.0} s; a cut transfer counts the bytes it completed (for nbdcopy the bytes qemu-nbd wrote: wchar of its /proc/PID/io; for Slipway replicated_bytes) over the cap. {}Last emulator counters: `{}`.",
             human(size as f64),
             cap.as_secs_f64(),
             if cuts.is_empty() {

@@ -54,6 +54,17 @@ pub fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
     bail!("no {field} in /proc/{pid}/status")
 }
 
+/// A field of /proc/PID/io (e.g. "wchar": bytes passed to write-family syscalls, all threads).
+pub fn proc_io(pid: u32, field: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    for line in s.lines() {
+        if let Some(v) = line.strip_prefix(field).and_then(|v| v.strip_prefix(':')) {
+            return Ok(v.trim().parse()?);
+        }
+    }
+    bail!("no {field} in /proc/{pid}/io")
+}
+
 /// How a child ended, with its own resource usage (from wait4, so exactly this child).
 #[derive(Debug, Clone, Copy)]
 pub struct Exited {
