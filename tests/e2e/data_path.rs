@@ -138,3 +138,36 @@ fn agent_exits_2_with_a_clear_message_on_a_bad_token() {
     );
     assert!(server.healthy());
 }
+
+/// An agent that finishes and exits releases its disks at once; a new agent process for the
+/// same source (a new run: a full resync over the existing volume) then replicates changes.
+#[test]
+fn a_second_agent_run_resyncs_over_the_existing_volume() {
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::start(&d.path().join("var"));
+    let src = d.path().join("disk.img");
+    make_disk(&src, 32 << 20, 21);
+    let token = server.token("again");
+    let mut a = Agent::start(&server, "again", &token, &[&src], &[]);
+    assert!(
+        a.wait(Duration::from_secs(120)).success(),
+        "{}",
+        a.log_text()
+    );
+    wait_until("the session to end", Duration::from_secs(20), || {
+        server.status()["agents_connected"] == 0
+    });
+    // Change the source, including zeroing a range the replica has data in.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&vec![0u8; 3 << 20], 5 << 20).unwrap();
+    f.write_all_at(&vec![0x77u8; 1 << 20], 20 << 20).unwrap();
+    f.sync_all().unwrap();
+    let mut b = Agent::start(&server, "again", &token, &[&src], &[]);
+    assert!(
+        b.wait(Duration::from_secs(120)).success(),
+        "{}",
+        b.log_text()
+    );
+    assert_same(&src, &server.volume("again", "disk.img"), 32 << 20);
+}

@@ -771,18 +771,22 @@ async fn disk_stream(c: Arc<Conn>, send: quinn::SendStream, mut recv: quinn::Rec
         return;
     }
     let (err_tx, err_rx) = oneshot::channel();
-    let writer = tokio::spawn(ack_writer(send, disk.acks.clone(), err_rx, handle));
+    let writer = tokio::spawn(ack_writer(
+        send,
+        disk.acks.clone(),
+        err_rx,
+        handle,
+        c.conn.clone(),
+    ));
     let result = receive_writes(&c, &disk, &mut recv).await;
-    if let Err(e) = result {
+    if let Err(e) = &result {
         if e.code != ErrorCode::DiskError {
             c.inner.metrics.reject(reject_label(e.code));
         }
         tracing::warn!(source = %c.source, disk = %disk.slot.disk, code = e.code.as_str(), error = %e.message, "refusing disk stream");
         let _ = recv.stop(STOP_REFUSED);
-        let _ = err_tx.send(e);
-    } else {
-        drop(err_tx);
     }
+    let _ = err_tx.send(result);
     let _ = writer.await;
 }
 
@@ -797,7 +801,7 @@ async fn receive_writes(
     c: &Arc<Conn>,
     disk: &Arc<OpenDisk>,
     recv: &mut quinn::RecvStream,
-) -> Result<(), ErrorFrame> {
+) -> Result<u64, ErrorFrame> {
     let inner = &c.inner;
     let h = disk.handle;
     let mut last_seq = disk.start_seq;
@@ -805,14 +809,14 @@ async fn receive_writes(
     loop {
         let frame = match read_frame_with(recv, max_body, c.lz4).await {
             Ok(Some(f)) => f,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(last_seq),
             Err(FrameIoError::Decode(e)) => {
                 return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string()))
             }
             Err(e @ FrameIoError::Stalled(_)) => {
                 return Err(ErrorFrame::for_disk(ErrorCode::Malformed, h, e.to_string()))
             }
-            Err(_) => return Ok(()), // connection or stream gone: nothing to answer
+            Err(_) => return Ok(last_seq), // connection or stream gone: nothing to answer
         };
         if let Some(err) = &disk.acks.borrow().failed {
             return Err(ErrorFrame::for_disk(
@@ -973,15 +977,22 @@ fn check_range(disk: &OpenDisk, offset: u64, len: u64) -> Result<(), ErrorFrame>
 }
 
 /// Sends cumulative acks as the durable position moves; sends the refusal if the reader hit one.
+/// After a clean end of the stream it keeps acking until everything queued is durable, then
+/// finishes; it never outlives the connection.
 async fn ack_writer(
     mut send: quinn::SendStream,
     mut acks: watch::Receiver<AckState>,
-    mut refused: oneshot::Receiver<ErrorFrame>,
+    mut reader: oneshot::Receiver<Result<u64, ErrorFrame>>,
     handle: u32,
+    conn: quinn::Connection,
 ) {
     let mut sent = acks.borrow().durable;
-    let mut refused_open = true;
+    let mut reader_open = true;
+    let mut drain_to: Option<u64> = None;
     loop {
+        if drain_to.is_some_and(|last| sent >= last) {
+            break;
+        }
         tokio::select! {
             r = acks.changed() => {
                 if r.is_err() {
@@ -999,13 +1010,18 @@ async fn ack_writer(
                     break;
                 }
             }
-            e = &mut refused, if refused_open => {
-                refused_open = false;
-                if let Ok(e) = e {
-                    let _ = write_frame(&mut send, &Frame::Error(e)).await;
-                    break;
+            r = &mut reader, if reader_open => {
+                reader_open = false;
+                match r {
+                    Ok(Ok(last)) => drain_to = Some(last),
+                    Ok(Err(e)) => {
+                        let _ = write_frame(&mut send, &Frame::Error(e)).await;
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
+            _ = conn.closed() => return,
         }
     }
     let _ = send.finish();
