@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use slipway_server::admin::{self, Request, Response};
-use slipway_server::settings::{LogFormat, Overrides, Settings};
+use slipway_server::settings::{BackendKind, LogFormat, Overrides, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -221,7 +221,10 @@ async fn serve(settings: Settings) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    let backends = slipway_server::Backends::local(&settings);
+    let backends = match settings.backend {
+        BackendKind::Local => slipway_server::Backends::local(&settings),
+        BackendKind::Aws => aws_backends(&settings).await?,
+    };
     slipway_server::run(
         settings,
         backends,
@@ -247,6 +250,50 @@ async fn serve(settings: Settings) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// The AWS backend: `[aws]` settings validated here (the server crate does not know them),
+/// instance identity from IMDSv2, the default credential chain, EBS devices by id.
+async fn aws_backends(settings: &Settings) -> Result<slipway_server::Backends> {
+    use std::sync::Arc;
+    let (table, file) = settings
+        .aws
+        .clone()
+        .unwrap_or_else(|| (Default::default(), "<defaults>".into()));
+    let raw: slipway_aws::RawAwsSettings =
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                anyhow::anyhow!("settings file {file}: key `aws`: {}", e.message().trim())
+            })?;
+    let aws = slipway_aws::AwsSettings::validate(raw).map_err(|e| match e {
+        slipway_aws::AwsError::Settings { key, reason } => {
+            anyhow::anyhow!("settings file {file}: key `aws.{key}`: {reason}")
+        }
+        e => anyhow::anyhow!("settings file {file}: key `aws`: {e}"),
+    })?;
+    let identity = slipway_aws::instance_identity()
+        .await
+        .context("reading this instance's identity from the instance metadata service (IMDSv2)")?;
+    tracing::info!(instance = %identity.instance_id, az = %identity.availability_zone, "running on EC2");
+    let sdk = slipway_aws::sdk_config(aws.region.clone()).await;
+    // Emulated attachments have no block devices: tests map volume ids to files.
+    let resolver: Arc<dyn slipway_aws::DeviceResolver> =
+        match std::env::var_os("SLIPWAY_AWS_DEVICE_MAP_DIR") {
+            Some(dir) => Arc::new(slipway_aws::FileMap { dir: dir.into() }),
+            None => Arc::new(slipway_aws::ById {
+                dir: aws.device_dir.clone(),
+            }),
+        };
+    let backend = Arc::new(
+        slipway_aws::AwsBackend::new(aws, identity, resolver, sdk)
+            .await
+            .context("starting the AWS backend")?,
+    );
+    Ok(slipway_server::Backends {
+        volumes: backend.clone(),
+        snapshots: Some(backend),
+    })
 }
 
 fn human(b: u64) -> String {

@@ -115,8 +115,16 @@ impl Tuning {
         t
     }
 
-    fn endpoint_config(&self) -> quinn::EndpointConfig {
-        let mut e = quinn::EndpointConfig::default();
+    fn endpoint_config(&self, reset_key: Option<&[u8; 32]>) -> quinn::EndpointConfig {
+        let mut e = match reset_key {
+            // A key that survives restarts: peers of a crashed-and-restarted server get its
+            // stateless resets and reconnect at once instead of waiting for the idle timeout.
+            Some(k) => quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                k,
+            ))),
+            None => quinn::EndpointConfig::default(),
+        };
         e.max_udp_payload_size(self.max_udp_payload.max(1200))
             .expect("payload size in range");
         e
@@ -151,8 +159,18 @@ impl Tuning {
         addr: SocketAddr,
         server: quinn::ServerConfig,
     ) -> std::io::Result<quinn::Endpoint> {
+        self.server_endpoint_with(addr, server, None)
+    }
+
+    /// A server endpoint whose stateless-reset key is `reset_key` (keep it across restarts).
+    pub fn server_endpoint_with(
+        &self,
+        addr: SocketAddr,
+        server: quinn::ServerConfig,
+        reset_key: Option<&[u8; 32]>,
+    ) -> std::io::Result<quinn::Endpoint> {
         quinn::Endpoint::new(
-            self.endpoint_config(),
+            self.endpoint_config(reset_key),
             Some(server),
             self.socket(addr)?,
             Arc::new(quinn::TokioRuntime),
@@ -167,7 +185,7 @@ impl Tuning {
             "0.0.0.0:0".parse().unwrap()
         };
         quinn::Endpoint::new(
-            self.endpoint_config(),
+            self.endpoint_config(None),
             None,
             self.socket(local)?,
             Arc::new(quinn::TokioRuntime),

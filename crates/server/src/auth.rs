@@ -103,6 +103,15 @@ impl TokenKey {
         m
     }
 
+    /// A 32-byte key for another purpose, derived from the secret (so it survives restarts
+    /// without another file).
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        m.update(b"slipway-derive-v1");
+        m.update(purpose.as_bytes());
+        m.finalize().into_bytes().into()
+    }
+
     /// Issues a new token for `source`.
     pub fn issue(&self, source: &str) -> Result<String, AuthError> {
         if !slipway_proto::valid_id(source) {

@@ -408,7 +408,11 @@ pub async fn run(
 
     let endpoint = settings
         .tuning
-        .server_endpoint(settings.listen, server_config)
+        .server_endpoint_with(
+            settings.listen,
+            server_config,
+            Some(&token_key.derive("quic-stateless-reset")),
+        )
         .map_err(io_err(format!("listening on udp {}", settings.listen)))?;
     let listen = endpoint
         .local_addr()
