@@ -182,7 +182,18 @@ impl AwsBackend {
             .await;
         let out = match out {
             Ok(o) => o,
-            Err(e) if sdk_code(&e) == Some("InvalidVolume.NotFound") => return Ok(vec![]),
+            // One unknown id fails the whole call: ask for each on its own to keep the others.
+            Err(e) if sdk_code(&e) == Some("InvalidVolume.NotFound") => {
+                let mut found = Vec::new();
+                if ids.len() > 1 {
+                    for id in ids {
+                        found.extend(
+                            Box::pin(self.describe_volume_ids(std::slice::from_ref(id))).await?,
+                        );
+                    }
+                }
+                return Ok(found);
+            }
             Err(e) => return Err(AwsError::from_sdk("DescribeVolumes", e)),
         };
         let vols: Vec<VolInfo> = out.volumes().iter().map(VolInfo::from_sdk).collect();
@@ -473,11 +484,9 @@ impl AwsBackend {
         }
     }
 
-    /// Chooses a free device name and calls AttachVolume.
-    async fn attach_available(&self, id: &str) -> Result<(), AwsError> {
-        let _g = self.attach_lock.lock().await;
-        let me = self.describe_self().await?;
-        self.used.store(me.mappings.len() as u32, Ordering::Relaxed);
+    /// Attachments in use (those EC2 lists plus ours in flight) and the device names taken.
+    /// Refreshes the slots gauge.
+    fn slots_in_use(&self, me: &SelfInfo) -> (u32, BTreeSet<String>) {
         let reserved = self
             .reserved
             .lock()
@@ -488,8 +497,17 @@ impl AwsBackend {
             taken.insert(device_key(root));
         }
         let in_flight = reserved.iter().filter(|d| !taken.contains(*d)).count();
-        taken.extend(reserved.iter().cloned());
+        taken.extend(reserved);
         let used = (me.mappings.len() + in_flight) as u32;
+        self.used.store(used, Ordering::Relaxed);
+        (used, taken)
+    }
+
+    /// Chooses a free device name and calls AttachVolume.
+    async fn attach_available(&self, id: &str) -> Result<(), AwsError> {
+        let _g = self.attach_lock.lock().await;
+        let me = self.describe_self().await?;
+        let (used, taken) = self.slots_in_use(&me);
         if used >= self.limit {
             return Err(AwsError::NoAttachmentSlot {
                 used,
@@ -589,7 +607,18 @@ impl AwsBackend {
                 }
                 (v, false)
             }
-            None => (self.create_replica(req).await?, true),
+            None => {
+                // Never create a volume that cannot be attached.
+                let me = self.describe_self().await?;
+                let (used, _) = self.slots_in_use(&me);
+                if used >= self.limit {
+                    return Err(AwsError::NoAttachmentSlot {
+                        used,
+                        limit: self.limit,
+                    });
+                }
+                (self.create_replica(req).await?, true)
+            }
         };
         let vol = self.attach_here(vol).await?;
         let path = self.resolve_device(&vol).await?;

@@ -1,0 +1,75 @@
+//! deploy/iam-policy.json parses, and grants every action the backend calls, each scoped.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// Every AWS action slipway-aws calls (keep in step with the code; docs/aws.md explains each).
+const CALLED: &[&str] = &[
+    "ec2:DescribeInstances",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeVolumes",
+    "ec2:DescribeSnapshots",
+    "ec2:CreateVolume",
+    "ec2:CreateTags",
+    "ec2:AttachVolume",
+    "ec2:DetachVolume",
+    "ec2:CreateSnapshot",
+    "ec2:CreateSnapshots",
+    "ec2:DeleteSnapshot",
+    "ebs:ListSnapshotBlocks",
+    "ebs:GetSnapshotBlock",
+    "ebs:ListChangedBlocks",
+];
+
+fn policy() -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/iam-policy.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    match v {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+        other => panic!("expected a string or a list: {other}"),
+    }
+}
+
+#[test]
+fn iam_policy_is_valid_and_least_privilege() {
+    let p = policy();
+    assert_eq!(p["Version"], "2012-10-17");
+    let statements = p["Statement"].as_array().unwrap();
+    let mut granted = BTreeSet::new();
+    let mut sids = BTreeSet::new();
+    for s in statements {
+        let sid = s["Sid"].as_str().expect("every statement has a Sid");
+        assert!(sids.insert(sid.to_string()), "duplicate Sid {sid}");
+        assert_eq!(s["Effect"], "Allow", "{sid}");
+        let actions = strings(&s["Action"]);
+        let resources = strings(&s["Resource"]);
+        for a in &actions {
+            assert!(!a.contains('*'), "{sid}: wildcard action {a}");
+            granted.insert(a.clone());
+        }
+        // Only the Describe calls, which EC2 cannot scope to resources, get "*" — and they
+        // are read-only. Everything else names resource types and carries a condition.
+        if resources == ["*"] {
+            assert!(
+                actions.iter().all(|a| a.starts_with("ec2:Describe")),
+                "{sid}"
+            );
+        } else {
+            assert!(s["Condition"].is_object(), "{sid} has no condition");
+        }
+    }
+    for a in CALLED {
+        assert!(granted.contains(*a), "{a} is called but not granted");
+    }
+    for a in &granted {
+        assert!(
+            CALLED.contains(&a.as_str()) || a.starts_with("kms:"),
+            "{a} is granted but never called"
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! slipway-aws against moto's server mode (end-to-end through the real SDK), an IMDSv2
+//! stand-in, a throttling proxy, and aws-smithy-mocks for what the emulator cannot model.
+//! One test binary; tests that use the emulator take turns on one shared instance of it.
+
+mod support;
+
+mod iam;
+mod identity;
+mod mocks;
+mod retries;
+mod snapshots;
+mod volumes;

@@ -1,0 +1,127 @@
+//! moto's server mode as a child process, shared by the tests of this binary and serialized
+//! between them (each test starts from `POST /moto-api/reset`).
+//!
+//! The emulator comes from `tests/setup-moto.sh` (a virtualenv with moto from PyPI), or from
+//! `SLIPWAY_MOTO_SERVER` if that names a `moto_server` executable. A small shell watchdog
+//! kills it once this test process is gone, since a test binary has no "after all" hook.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::http::call;
+
+static MOTO: OnceLock<Result<Moto, String>> = OnceLock::new();
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+#[derive(Debug, Clone)]
+pub struct Moto {
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Moto {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn moto_server_path() -> Result<String, String> {
+    if let Ok(p) = std::env::var("SLIPWAY_MOTO_SERVER") {
+        if !p.is_empty() {
+            return Ok(p);
+        }
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/setup-moto.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed ({})", script.display(), out.status));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .last()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| format!("{} printed no path", script.display()))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start() -> Result<Moto, String> {
+    let server = moto_server_path()?;
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("slipway-moto-{}-{port}.log", std::process::id()));
+    // The watchdog: start moto, then poll for this process; when it is gone, stop moto.
+    let watchdog = r#"
+        MOTO_EC2_LOAD_DEFAULT_AMIS=false "$0" -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
+        moto=$!
+        while kill -0 "$3" 2>/dev/null && kill -0 "$moto" 2>/dev/null; do sleep 0.5; done
+        kill "$moto" 2>/dev/null
+    "#;
+    Command::new("bash")
+        .arg("-c")
+        .arg(watchdog)
+        .arg(&server)
+        .arg(port.to_string())
+        .arg(&log)
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {server}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = rt.block_on(call(port, "POST", "/moto-api/reset", b"")) {
+            return Ok(Moto { port, log });
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!(
+                "moto_server did not answer on port {port} within 60 s:\n{tail}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The shared emulator (started on first use).
+pub fn moto() -> Moto {
+    match MOTO.get_or_init(|| std::thread::spawn(start).join().unwrap()) {
+        Ok(m) => m.clone(),
+        Err(e) => panic!("AWS emulator unavailable: {e}"),
+    }
+}
+
+/// Exclusive use of the emulator, reset to empty.
+pub async fn exclusive() -> (MutexGuard<'static, ()>, Moto) {
+    let guard = SERIAL.lock().await;
+    let m = tokio::task::spawn_blocking(moto).await.unwrap();
+    let (status, body) = call(m.port, "POST", "/moto-api/reset", b"").await.unwrap();
+    assert_eq!(
+        status,
+        200,
+        "moto reset: {} (log: {})",
+        String::from_utf8_lossy(&body),
+        m.log.display()
+    );
+    (guard, m)
+}
