@@ -238,6 +238,7 @@ async fn serve(settings: Settings) -> Result<()> {
                 "data_dir": ready.data_dir,
             });
             println!("{line}");
+            sd_notify("READY=1");
             if ready.tls_generated {
                 eprintln!(
                     "generated a self-signed certificate in {}/tls; agents pin it with --server-fingerprint {}",
@@ -294,6 +295,24 @@ async fn aws_backends(settings: &Settings) -> Result<slipway_server::Backends> {
         volumes: backend.clone(),
         snapshots: Some(backend),
     })
+}
+
+/// Tells systemd (Type=notify) the server is ready; a no-op outside systemd.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = %path, "could not notify systemd");
+    }
 }
 
 fn human(b: u64) -> String {

@@ -171,3 +171,23 @@ fn a_second_agent_run_resyncs_over_the_existing_volume() {
     );
     assert_same(&src, &server.volume("again", "disk.img"), 32 << 20);
 }
+
+/// Under systemd (Type=notify) the server reports readiness on NOTIFY_SOCKET.
+#[test]
+fn tells_systemd_when_ready() {
+    let d = tempfile::tempdir().unwrap();
+    let sock_path = d.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let server = Server::start_env(
+        &d.path().join("var"),
+        "127.0.0.1:0",
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(server.healthy());
+}
