@@ -33,9 +33,10 @@ pub struct RawAwsSettings {
     pub attachment_limit: Option<u32>,
     pub max_pending_snapshots: Option<u32>,
     pub max_attempts: Option<u32>,
-    pub initial_backoff_ms: Option<u64>,
-    pub wait_timeout_secs: Option<u64>,
-    pub poll_interval_ms: Option<u64>,
+    /// Durations as humantime strings (`"500ms"`, `"5m"`), like every duration in the file.
+    pub initial_backoff: Option<String>,
+    pub wait_timeout: Option<String>,
+    pub poll_interval: Option<String>,
 }
 
 /// Validated settings of the AWS backend (defaults in `docs/aws.md`).
@@ -205,15 +206,27 @@ impl AwsSettings {
                 format!("{max_attempts} is outside 1..=20"),
             ));
         }
-        let wait_timeout_secs = raw.wait_timeout_secs.unwrap_or(300);
-        if wait_timeout_secs == 0 {
-            return Err(bad("wait_timeout_secs", "must be at least 1".into()));
-        }
-        let poll_interval_ms = raw.poll_interval_ms.unwrap_or(2000);
-        if poll_interval_ms == 0 || poll_interval_ms > wait_timeout_secs * 1000 {
+        let duration = |key: &str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(text) => humantime::parse_duration(&text)
+                .map_err(|e| bad(key, format!("{text:?} is not a duration like \"5s\": {e}"))),
+        };
+        let initial_backoff = duration("initial_backoff", raw.initial_backoff, d.initial_backoff)?;
+        if initial_backoff.is_zero() || initial_backoff > Duration::from_secs(20) {
             return Err(bad(
-                "poll_interval_ms",
-                "must be at least 1 and at most wait_timeout_secs".into(),
+                "initial_backoff",
+                "must be above 0 and at most 20s".into(),
+            ));
+        }
+        let wait_timeout = duration("wait_timeout", raw.wait_timeout, d.wait_timeout)?;
+        if wait_timeout < Duration::from_secs(1) {
+            return Err(bad("wait_timeout", "must be at least 1s".into()));
+        }
+        let poll_interval = duration("poll_interval", raw.poll_interval, d.poll_interval)?;
+        if poll_interval.is_zero() || poll_interval > wait_timeout {
+            return Err(bad(
+                "poll_interval",
+                "must be above 0 and at most wait_timeout".into(),
             ));
         }
         Ok(AwsSettings {
@@ -231,9 +244,9 @@ impl AwsSettings {
             attachment_limit: raw.attachment_limit,
             max_pending_snapshots: raw.max_pending_snapshots,
             max_attempts,
-            initial_backoff: Duration::from_millis(raw.initial_backoff_ms.unwrap_or(500)),
-            wait_timeout: Duration::from_secs(wait_timeout_secs),
-            poll_interval: Duration::from_millis(poll_interval_ms),
+            initial_backoff,
+            wait_timeout,
+            poll_interval,
         })
     }
 
@@ -302,7 +315,10 @@ mod tests {
             ("device_dir = \"dev\"", "device_dir"),
             ("attachment_limit = 0", "attachment_limit"),
             ("max_attempts = 0", "max_attempts"),
-            ("poll_interval_ms = 0", "poll_interval_ms"),
+            ("poll_interval = \"0s\"", "poll_interval"),
+            ("poll_interval = \"2\"", "poll_interval"),
+            ("wait_timeout = \"10ms\"", "wait_timeout"),
+            ("initial_backoff = \"1m\"", "initial_backoff"),
             ("large_threshold_gib = 0", "large_threshold_gib"),
         ];
         for (text, key) in cases {
@@ -311,6 +327,17 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn durations_are_humantime_strings() {
+        let s = AwsSettings::from_toml(
+            "wait_timeout = \"10m\"\npoll_interval = \"500ms\"\ninitial_backoff = \"50ms\"",
+        )
+        .unwrap();
+        assert_eq!(s.wait_timeout, Duration::from_secs(600));
+        assert_eq!(s.poll_interval, Duration::from_millis(500));
+        assert_eq!(s.initial_backoff, Duration::from_millis(50));
     }
 
     #[test]
