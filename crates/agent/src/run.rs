@@ -547,7 +547,9 @@ async fn producer(
             tokio::select! {
                 r = &mut task => break r.map_err(|e| AgentError::Internal(format!("disk reader: {e}")))?,
                 w = rescans.recv(), if rescans_open => match w {
-                    Some(w) if kind == PassKind::Follow => job_waiters.push(w),
+                    // This pass began before the request and may already be past a change
+                    // made before it: the request waits for the next pass.
+                    Some(w) if kind == PassKind::Follow => waiters.push(w),
                     Some(w) => { let _ = w.send(()); }
                     None => rescans_open = false,
                 },

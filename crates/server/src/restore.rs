@@ -359,6 +359,10 @@ impl Inner {
             h.release_marker(marker_id);
         }
         let pause = first.map(|f| f.elapsed()).unwrap_or_default();
+        // Replication goes on while the capture is read: the disks are continuous again.
+        for d in &disks {
+            d.slot.status.lock().unwrap().creating_snapshot = false;
+        }
 
         let jobs: Vec<(String, u64, u32, Arc<Capture>)> = disks
             .iter()
