@@ -1,0 +1,61 @@
+//! Errors of slipway-fleet: a template that cannot be used, or an AWS call that failed.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use thiserror::Error;
+
+/// Something a fleet operation could not do.
+#[derive(Debug, Error)]
+pub enum FleetError {
+    /// The template (or its sources file) could not be read.
+    #[error("template {file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A template key is missing, unknown, of the wrong type, or has an unusable value.
+    #[error("template {file}: key `{key}`: {reason}")]
+    Template {
+        file: String,
+        key: String,
+        reason: String,
+    },
+    /// An AWS call failed (after the SDK's own retries).
+    #[error("{op}: {message}")]
+    Aws { op: String, message: String },
+    /// Waiting for an instance or volume state took longer than the bound.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    /// AWS holds something this operation will not touch, or that contradicts the request.
+    #[error("{0}")]
+    Conflict(String),
+    /// What the request names does not exist (a restore point, a source, a launch section).
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl FleetError {
+    pub(crate) fn sdk<E, R>(op: &str, err: SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        FleetError::Aws {
+            op: op.to_string(),
+            message: DisplayErrorContext(&err).to_string(),
+        }
+    }
+}
+
+/// The error code of an SDK error, if AWS sent one.
+pub(crate) fn sdk_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> {
+    match err {
+        SdkError::ServiceError(e) => e.err().code(),
+        _ => None,
+    }
+}
