@@ -4,6 +4,7 @@
 
 mod support;
 
+mod ebs_direct;
 mod iam;
 mod identity;
 mod mocks;
