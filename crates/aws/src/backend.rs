@@ -3,8 +3,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{Region, SdkConfig};
 use slipway_server::backend::{
     BackendError, RemoteRestorePoint, RemoteSnapshot, SnapshotBackend, SnapshotRequest,
@@ -61,9 +63,9 @@ impl std::fmt::Debug for AwsBackend {
 }
 
 impl AwsBackend {
-    /// Builds the EC2 and EBS clients from `sdk` (with the retry strategy of `settings`; the
-    /// instance's region if `sdk` has none), checks that the instance exists and works out its
-    /// attachment limit.
+    /// Builds the EC2 and EBS clients from `sdk` (with the retry strategy of `settings`, a 5 s
+    /// connect and a 60 s per-attempt timeout, and the instance's region if `sdk` has none),
+    /// checks that the instance exists and works out its attachment limit.
     pub async fn new(
         settings: AwsSettings,
         identity: InstanceIdentity,
@@ -71,6 +73,11 @@ impl AwsBackend {
         sdk: SdkConfig,
     ) -> Result<Self, AwsError> {
         let retry = settings.retry_config();
+        // Bound every attempt, so a connection that hangs becomes a retry, not a stuck call.
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(60))
+            .build();
         let region = sdk
             .region()
             .cloned()
@@ -79,12 +86,14 @@ impl AwsBackend {
             aws_sdk_ec2::config::Builder::from(&sdk)
                 .region(region.clone())
                 .retry_config(retry.clone())
+                .timeout_config(timeouts.clone())
                 .build(),
         );
         let ebs = aws_sdk_ebs::Client::from_conf(
             aws_sdk_ebs::config::Builder::from(&sdk)
                 .region(region)
                 .retry_config(retry)
+                .timeout_config(timeouts)
                 .build(),
         );
         Self::from_clients(settings, identity, resolver, ec2, ebs).await
