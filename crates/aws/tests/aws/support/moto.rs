@@ -65,12 +65,14 @@ fn start() -> Result<Moto, String> {
     let server = moto_server_path()?;
     let port = free_port();
     let log = std::env::temp_dir().join(format!("slipway-moto-{}-{port}.log", std::process::id()));
-    // The watchdog: start moto, then poll for this process; when it is gone, stop moto.
+    // The watchdog: start moto, then poll for this process; when it is gone, stop moto and
+    // remove its log.
     let watchdog = r#"
         MOTO_EC2_LOAD_DEFAULT_AMIS=false "$0" -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
         moto=$!
         while kill -0 "$3" 2>/dev/null && kill -0 "$moto" 2>/dev/null; do sleep 0.5; done
         kill "$moto" 2>/dev/null
+        rm -f "$2"
     "#;
     Command::new("bash")
         .arg("-c")
