@@ -75,9 +75,9 @@ fn a_30s_partition_in_the_middle_of_a_follow_sync_reconnects_and_converges() {
         Duration::from_secs(120),
         || journal_acked_bytes(&journal) >= SIZE / 4,
     );
-    let at_cut = journal_acked_bytes(&journal);
     net.partition();
     let cut = Instant::now();
+    let at_cut = journal_acked_bytes(&journal);
     // The fault lasts 30 s: this wait is the fault's duration, not a synchronisation.
     std::thread::sleep(Duration::from_secs(30));
     let during = journal_acked_bytes(&journal);

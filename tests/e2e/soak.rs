@@ -136,7 +136,7 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
                 eprintln!("round {round}: {} not continuous in time; skipping", s.id);
             } else {
                 let kill_in = rng.gen_ratio(1, 3).then(|| rng.gen_range(0..1500u64));
-                let before: HashSet<String> = listed_ids(&server);
+                let before: HashSet<String> = listed_ids(&server, &s.id);
                 let held = s.gate.lock().unwrap();
                 let state: Expected = s
                     .disks
@@ -175,7 +175,7 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
                 }
                 // Whatever is listed now that was not before is this request's restore
                 // point (an interrupted one must not be listed at all, or be whole).
-                for new in listed_ids(&server).difference(&before) {
+                for new in listed_ids(&server, &s.id).difference(&before) {
                     expected.insert(new.clone(), (s.id.clone(), state.clone()));
                 }
                 drop(held);
@@ -217,6 +217,7 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
     let list = server.restore_points();
     let mut verified = 0;
     let mut exported = 0;
+    let mut matched = 0;
     let mut scheduled = 0;
     for rp in &list {
         let id = rp["id"].as_str().unwrap().to_string();
@@ -225,6 +226,7 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
         match expected.get(&id) {
             Some((source, state)) => {
                 assert_eq!(rp["source"], source.as_str());
+                matched += 1;
                 for (disk, hash) in state {
                     let out = d.path().join("export.img");
                     server.export(&id, disk, &out);
@@ -254,7 +256,7 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
         "SOAK RESULT: {:.0} s, {kills} kill -9 ({kills_in_rp} during a restore point), \
          {} workload writes ({} MiB) over {} disks ({} MiB), every replica identical; \
          restore points: {rp_requested} requested, {rp_failed} failed cleanly, {} listed, \
-         {verified} verified, {exported} disk images equal to the recorded state, \
+         {verified} verified, {matched} on request whose {exported} disk images equal the recorded state, \
          {scheduled} scheduled; server peak RSS {} MiB",
         soak_time.as_secs_f64(),
         writes.load(Ordering::Relaxed),
@@ -274,10 +276,12 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
     }
 }
 
-fn listed_ids(server: &Server) -> HashSet<String> {
+/// Ids of the listed restore points of one source.
+fn listed_ids(server: &Server, source: &str) -> HashSet<String> {
     server
         .restore_points()
         .iter()
+        .filter(|r| r["source"] == source)
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect()
 }
