@@ -94,8 +94,9 @@ struct ReplicateArgs {
     /// Largest UDP payload (path MTU discovery upper bound).
     #[arg(long, value_name = "BYTES", default_value_t = 6500)]
     max_udp_payload: u16,
-    /// Congestion controller.
-    #[arg(long, value_name = "ALGO", default_value = "cubic", value_parser = parse_congestion)]
+    /// Congestion controller. BBR keeps QUIC near the link rate on lossy long links, where
+    /// Cubic collapses (docs/benchmarks.md, scenario 2).
+    #[arg(long, value_name = "ALGO", default_value = "bbr", value_parser = parse_congestion)]
     congestion: Congestion,
     /// Append "<disk_id> <seq> <offset> <len>" for every acknowledged write (for tests).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -290,7 +291,7 @@ mod tests {
         assert_eq!(r.window, "128MiB");
         assert_eq!(r.rescan_interval, "10s");
         assert_eq!(r.max_udp_payload, 6500);
-        assert_eq!(r.congestion, Congestion::Cubic);
+        assert_eq!(r.congestion, Congestion::Bbr);
         a.extend(["--server-ca", "/ca.pem"]);
         assert!(parse(&a).is_err(), "both given");
     }

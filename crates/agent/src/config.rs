@@ -346,7 +346,7 @@ impl Config {
             window,
             compress: !raw.no_compress,
             max_udp_payload: raw.max_udp_payload,
-            congestion: raw.congestion.unwrap_or(Congestion::Cubic),
+            congestion: raw.congestion.unwrap_or(Congestion::Bbr),
             ack_journal: raw.ack_journal,
         })
     }
@@ -508,7 +508,7 @@ mod tests {
         assert_eq!(c.window, 128 << 20);
         assert_eq!(c.server_name, "localhost");
         assert!(c.compress);
-        assert_eq!(c.congestion, Congestion::Cubic);
+        assert_eq!(c.congestion, Congestion::Bbr);
         assert_eq!(c.disks[0].id, "sda");
         assert_eq!(c.tuning().max_udp_payload, 6500);
     }
