@@ -78,8 +78,13 @@ fn a_30s_partition_in_the_middle_of_a_follow_sync_reconnects_and_converges() {
     net.partition();
     let cut = Instant::now();
     let at_cut = journal_acked_bytes(&journal);
-    // The fault lasts 30 s: this wait is the fault's duration, not a synchronisation.
-    std::thread::sleep(Duration::from_secs(30));
+    // The fault lasts 30 s (PARTITION_SECONDS to change): this wait is the fault's duration,
+    // not a synchronisation.
+    let secs: u64 = std::env::var("PARTITION_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    std::thread::sleep(Duration::from_secs(secs));
     let during = journal_acked_bytes(&journal);
     let dropped = net.dropped();
     net.clear();
@@ -99,7 +104,7 @@ fn a_30s_partition_in_the_middle_of_a_follow_sync_reconnects_and_converges() {
     }
     let n = check_journal(&journal, "part.img", &src, &vol);
     eprintln!(
-        "partition: cut at {} MiB acked, {} MiB acked during the 30 s partition, {dropped} packets \
+        "partition: cut at {} MiB acked, {} MiB acked during the {secs} s partition, {dropped} packets \
          dropped, converged {:.1} s after healing ({:.1} s after the cut), {n} acked ranges checked",
         at_cut >> 20,
         (during - at_cut) >> 20,
