@@ -35,7 +35,9 @@ fn check_round_trip(f: &Frame) {
     let bytes = f.to_bytes();
     let mut dec = Decoder::new(MAX_BODY_LEN);
     let mut buf = BytesMut::from(&bytes[..]);
-    let again = dec.decode(&mut buf).expect("a decoded frame re-encodes validly");
+    let again = dec
+        .decode(&mut buf)
+        .expect("a decoded frame re-encodes validly");
     assert_eq!(again.as_ref(), Some(f));
     assert!(buf.is_empty());
 }

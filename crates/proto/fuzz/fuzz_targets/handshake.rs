@@ -9,8 +9,8 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use slipway_proto::handshake::ServerParams;
 use slipway_proto::{
-    features, ClientHandshake, Decoder, Frame, Hello, ServerHandshake, MAX_WRITE_LEN,
-    VERSION_MAX, VERSION_MIN,
+    features, ClientHandshake, Decoder, Frame, Hello, ServerHandshake, MAX_WRITE_LEN, VERSION_MAX,
+    VERSION_MIN,
 };
 
 fuzz_target!(|data: &[u8]| {
