@@ -1,0 +1,318 @@
+//! ami/provision.sh installed into a scratch root (DESTDIR): files, user, units (checked with
+//! `systemd-analyze verify` and by reading them), default settings (checked by the server's own
+//! validation), sysctl; and the user-data helper against an IMDSv2 stand-in.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn need(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is missing: .ci/run installs it (Debian: apt-get install {package})"
+    );
+}
+
+/// Installs into `root` with a stand-in binary; returns the script's output.
+fn provision(root: &Path) -> String {
+    let stub = root.parent().unwrap().join("slipway-stub");
+    std::fs::write(&stub, "#!/bin/sh\necho slipway-stub \"$@\"\n").unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("bash")
+        .arg(repo().join("ami/provision.sh"))
+        .env("DESTDIR", root)
+        .env("SLIPWAY_BINARY", &stub)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "provision.sh failed:\n{text}");
+    text
+}
+
+/// A systemd unit as (section, key) → values, in order.
+fn parse_unit(text: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in text.lines() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') || l.starts_with(';') {
+            continue;
+        }
+        if let Some(s) = l.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            section = s.to_string();
+            continue;
+        }
+        let (k, v) = l
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not key=value: {l}"));
+        out.entry((section.clone(), k.trim().to_string()))
+            .or_default()
+            .push(v.trim().to_string());
+    }
+    out
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn provision_installs_a_hardened_service_into_a_scratch_root() {
+    need("systemd-sysusers", "systemd");
+    need("systemd-analyze", "systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    provision(&root);
+
+    assert_eq!(mode(&root.join("usr/local/bin/slipway")), 0o755);
+    assert_eq!(
+        mode(&root.join("usr/local/lib/slipway/slipway-userdata")),
+        0o755
+    );
+    assert_eq!(mode(&root.join("etc/slipway/slipway.toml")), 0o644);
+
+    // The user: no login, in group disk (EBS block devices are root:disk 0660).
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|l| l.starts_with("slipway:"))
+        .unwrap_or_else(|| panic!("no slipway user in {passwd}"));
+    assert!(
+        user.ends_with(":/var/lib/slipway:/usr/sbin/nologin"),
+        "{user}"
+    );
+    let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
+    let disk = group.lines().find(|l| l.starts_with("disk:")).unwrap();
+    assert!(
+        disk.split(':')
+            .nth(3)
+            .unwrap()
+            .split(',')
+            .any(|m| m == "slipway"),
+        "{disk}"
+    );
+
+    // The unit, as read by a parser.
+    let unit_path = root.join("usr/lib/systemd/system/slipway.service");
+    let unit = parse_unit(&std::fs::read_to_string(&unit_path).unwrap());
+    let get = |s: &str, k: &str| -> Vec<String> {
+        unit.get(&(s.to_string(), k.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let one = |s: &str, k: &str| -> String {
+        let v = get(s, k);
+        assert_eq!(v.len(), 1, "[{s}] {k}: {v:?}");
+        v[0].clone()
+    };
+    assert_eq!(one("Service", "Type"), "notify");
+    assert_eq!(
+        one("Service", "ExecStart"),
+        "/usr/local/bin/slipway serve --config /etc/slipway/slipway.toml"
+    );
+    assert_eq!(one("Service", "Restart"), "on-failure");
+    assert_eq!(one("Service", "User"), "slipway");
+    assert_eq!(one("Service", "SupplementaryGroups"), "disk");
+    assert_eq!(one("Service", "NoNewPrivileges"), "yes");
+    assert_eq!(one("Service", "ProtectSystem"), "strict");
+    assert_eq!(one("Service", "StateDirectory"), "slipway");
+    assert!(one("Service", "ReadWritePaths").ends_with("/var/lib/slipway"));
+    assert!(one("Service", "LimitNOFILE").parse::<u64>().unwrap() >= 65536);
+    assert_eq!(one("Service", "StandardOutput"), "journal");
+    assert_eq!(one("Service", "CapabilityBoundingSet"), "");
+    assert_eq!(one("Install", "WantedBy"), "multi-user.target");
+    assert!(get("Unit", "Requires").contains(&"slipway-userdata.service".to_string()));
+    for u in ["slipway.service", "slipway-userdata.service"] {
+        let link = root
+            .join("etc/systemd/system/multi-user.target.wants")
+            .join(u);
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("/usr/lib/systemd/system").join(u)
+        );
+    }
+
+    // systemd's own check, in a copy of the root that also has the host's units (targets).
+    let vroot = dir.path().join("verify");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&root)
+        .arg(&vroot)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = Command::new("cp")
+        .args(["-an", "/usr/lib/systemd/system/."])
+        .arg(vroot.join("usr/lib/systemd/system"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", vroot.display()))
+        .arg("/usr/lib/systemd/system/slipway.service")
+        .arg("/usr/lib/systemd/system/slipway-userdata.service")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {}\n{stderr}",
+        out.status
+    );
+
+    // Default settings: the server accepts them; AWS backend, agents and metrics on all addresses.
+    let conf = root.join("etc/slipway/slipway.toml");
+    let s = slipway_server::settings::Settings::load(Some(&conf), &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.backend, slipway_server::settings::BackendKind::Aws);
+    assert_eq!(s.listen.to_string(), "0.0.0.0:1500");
+    assert_eq!(s.metrics_listen.to_string(), "0.0.0.0:9500");
+    assert_eq!(s.data_dir, Path::new("/var/lib/slipway"));
+    let (aws, _) = s.aws.clone().unwrap_or_default();
+    let raw: slipway_aws::RawAwsSettings = toml::Value::Table(aws).try_into().unwrap();
+    slipway_aws::AwsSettings::validate(raw).unwrap();
+
+    let sysctl = std::fs::read_to_string(root.join("etc/sysctl.d/90-slipway.conf")).unwrap();
+    for key in ["net.core.rmem_max", "net.core.wmem_max"] {
+        let line = sysctl.lines().find(|l| l.starts_with(key)).unwrap();
+        assert_eq!(line.split('=').nth(1).unwrap().trim(), "16777216", "{line}");
+    }
+    let journald =
+        std::fs::read_to_string(root.join("etc/systemd/journald.conf.d/slipway.conf")).unwrap();
+    assert!(journald.contains("Storage=persistent"));
+
+    // Re-provisioning keeps an edited settings file.
+    std::fs::write(&conf, "# edited\n").unwrap();
+    provision(&root);
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "# edited\n");
+}
+
+/// An IMDSv2 stand-in serving `user_data` (None: 404) for `requests` requests.
+fn imds(user_data: Option<String>, requests: usize) -> (String, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let h = std::thread::spawn(move || {
+        for _ in 0..requests {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let mut token = None;
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).unwrap();
+                if h.trim().is_empty() {
+                    break;
+                }
+                let (k, v) = h.split_once(':').unwrap();
+                match k.to_ascii_lowercase().as_str() {
+                    "x-aws-ec2-metadata-token" => token = Some(v.trim().to_string()),
+                    "content-length" => len = v.trim().parse().unwrap(),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            let (status, body) = if line.starts_with("PUT /latest/api/token") {
+                (200, "tok".to_string())
+            } else if line.starts_with("GET /latest/user-data") && token.as_deref() == Some("tok") {
+                match &user_data {
+                    Some(u) => (200, u.clone()),
+                    None => (404, String::new()),
+                }
+            } else {
+                (401, String::new())
+            };
+            let mut s = s;
+            write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        }
+    });
+    (url, h)
+}
+
+#[test]
+fn the_user_data_helper_writes_rendered_settings_and_keeps_the_default_otherwise() {
+    need("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("slipway.toml");
+    let script = repo().join("ami/files/slipway-userdata");
+    let run = |url: &str| {
+        Command::new("sh")
+            .arg(&script)
+            .env("SLIPWAY_IMDS_ENDPOINT", url)
+            .env("SLIPWAY_CONFIG_FILE", &conf)
+            .output()
+            .unwrap()
+    };
+
+    // A template-rendered settings file replaces the default.
+    std::fs::write(&conf, "# default\n").unwrap();
+    let tpath = dir.path().join("t.toml");
+    std::fs::write(
+        &tpath,
+        "name = \"w\"\nregion = \"eu-west-1\"\nstaging_subnet = \"subnet-1\"\n\
+         security_groups = [\"sg-1\"]\ninstance_type = \"m5.large\"\nami = \"ami-1\"\n",
+    )
+    .unwrap();
+    let t = slipway_fleet::template::load(&tpath).unwrap();
+    let rendered = t.server_settings(0);
+    let (url, h) = imds(Some(rendered.clone()), 2);
+    let out = run(&url);
+    h.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), rendered);
+
+    // Foreign user data (a cloud-init script) and no user data leave the file alone.
+    for ud in [Some("#!/bin/sh\necho hi\n".to_string()), None] {
+        std::fs::write(&conf, "# default\n").unwrap();
+        let (url, h) = imds(ud, 2);
+        let out = run(&url);
+        h.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "# default\n");
+    }
+    // No temp files left behind.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".slipway"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -1,0 +1,235 @@
+//! deploy/: the CloudFormation template (cfn-lint, and its IAM policy identical to
+//! deploy/iam-policy.json), the Prometheus configuration and rules (promtool), the Grafana
+//! dashboard (a schema check of our own: structure, layout, and every metric it queries is one
+//! the server exports). A missing validator fails the test: .ci/run installs them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// Runs a validator; a missing one fails with where to get it.
+fn validator(tool: &str, args: &[&str], install: &str) -> (bool, String) {
+    let exe = std::env::var(format!(
+        "SLIPWAY_{}",
+        tool.to_ascii_uppercase().replace('-', "_")
+    ))
+    .unwrap_or_else(|_| tool.to_string());
+    let out = Command::new(&exe)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{tool} cannot run ({e}): .ci/run installs it ({install}); or set SLIPWAY_{}",
+                tool.to_ascii_uppercase().replace('-', "_")
+            )
+        });
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn cloudformation_template_passes_cfn_lint() {
+    let (ok, out) = validator(
+        "cfn-lint",
+        &["deploy/cloudformation.yaml"],
+        "pip install cfn-lint into a venv on PATH",
+    );
+    assert!(ok, "cfn-lint deploy/cloudformation.yaml:\n{out}");
+}
+
+#[test]
+fn cloudformation_policy_is_deploy_iam_policy_and_ports_are_open() {
+    let cfn = read("deploy/cloudformation.yaml");
+    // The policy is embedded as JSON under `PolicyDocument:` up to the next key of the role.
+    let mut lines = cfn.lines().skip_while(|l| l.trim() != "PolicyDocument:");
+    lines.next().expect("a PolicyDocument");
+    let json: String = lines
+        .take_while(|l| l.starts_with("            ") || l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let embedded: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}\n{json}"));
+    let policy: Value = serde_json::from_str(&read("deploy/iam-policy.json")).unwrap();
+    assert_eq!(
+        embedded, policy,
+        "deploy/cloudformation.yaml's policy differs from deploy/iam-policy.json"
+    );
+
+    for (proto, port) in [("udp", 1500), ("tcp", 1500), ("tcp", 9500)] {
+        let rule =
+            format!("IpProtocol: {proto}\n          FromPort: {port}\n          ToPort: {port}");
+        assert!(cfn.contains(&rule), "no {proto}/{port} ingress rule");
+    }
+    assert!(cfn.contains("HttpTokens: required"));
+    assert!(cfn.contains("Value: replication-server"));
+}
+
+#[test]
+fn prometheus_config_and_rules_pass_promtool() {
+    let (ok, out) = validator(
+        "promtool",
+        &["check", "config", "deploy/prometheus.yml"],
+        "apt-get install prometheus",
+    );
+    assert!(ok, "promtool check config:\n{out}");
+    assert!(out.contains("1 rule files found"), "{out}");
+    let cfg = read("deploy/prometheus.yml");
+    assert!(cfg.contains("ec2_sd_configs:"));
+    assert!(cfg.contains("- name: tag:slipway:role\n            values: [replication-server]"));
+    let port = slipway_fleet::template::DEFAULT_METRICS_LISTEN
+        .rsplit(':')
+        .next()
+        .unwrap();
+    assert!(cfg.contains(&format!("port: {port}")));
+    // The rules query only metrics the server exports.
+    check_metrics(
+        "deploy/prometheus-rules.yml",
+        &read("deploy/prometheus-rules.yml"),
+    );
+}
+
+/// Metric names a text mentions (`slipway_…`).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("slipway_") {
+        let start = i + at;
+        let mut end = start;
+        while end < b.len()
+            && (b[end].is_ascii_lowercase() || b[end].is_ascii_digit() || b[end] == b'_')
+        {
+            end += 1;
+        }
+        out.insert(text[start..end].to_string());
+        i = end;
+    }
+    out
+}
+
+/// Every metric `text` queries is defined in crates/server/src/metrics.rs.
+fn check_metrics(what: &str, text: &str) -> BTreeSet<String> {
+    let defined = read("crates/server/src/metrics.rs");
+    let names = metric_names(text);
+    for n in &names {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .unwrap_or(n);
+        assert!(
+            defined.contains(&format!("\"{base}\"")),
+            "{what} queries {n}, which the server does not export"
+        );
+    }
+    names
+}
+
+#[test]
+fn grafana_dashboard_matches_its_schema_and_the_servers_metrics() {
+    let text = read("deploy/grafana-dashboard.json");
+    let d: Value = serde_json::from_str(&text).expect("valid JSON");
+    let s = |v: &Value, k: &str| -> String {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("missing string `{k}` in {v}"))
+            .to_string()
+    };
+    assert!(!s(&d, "title").is_empty());
+    assert!(!s(&d, "uid").is_empty() && s(&d, "uid").len() <= 40);
+    assert!(d["schemaVersion"].as_u64().is_some_and(|v| v >= 30));
+    let vars: BTreeSet<String> = d["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+        .iter()
+        .map(|v| s(v, "name"))
+        .collect();
+    let panels = d["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    let mut ids = BTreeSet::new();
+    let mut cells: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut exprs = String::new();
+    for p in panels {
+        let title = s(p, "title");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("numeric panel id")),
+            "duplicate id in {title}"
+        );
+        assert!(
+            [
+                "timeseries",
+                "stat",
+                "gauge",
+                "table",
+                "heatmap",
+                "bargauge"
+            ]
+            .contains(&s(p, "type").as_str()),
+            "{title}: panel type"
+        );
+        let g = &p["gridPos"];
+        let n = |k: &str| {
+            g[k].as_u64()
+                .unwrap_or_else(|| panic!("{title}: gridPos.{k}"))
+        };
+        let (x, y, w, h) = (n("x"), n("y"), n("w"), n("h"));
+        assert!(
+            w >= 1 && h >= 1 && x + w <= 24,
+            "{title}: gridPos outside the 24-column grid"
+        );
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{title} overlaps another panel at ({cx},{cy})"
+                );
+            }
+        }
+        assert!(p.get("datasource").is_some(), "{title}: datasource");
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{title}: targets"));
+        assert!(!targets.is_empty(), "{title}: no query");
+        for t in targets {
+            s(t, "refId");
+            let e = s(t, "expr");
+            for var in e.split('$').skip(1) {
+                let name: String = var
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    name.starts_with("__") || vars.contains(&name),
+                    "{title}: ${name} is not a dashboard variable"
+                );
+            }
+            exprs.push_str(&e);
+            exprs.push('\n');
+        }
+    }
+    let used = check_metrics("deploy/grafana-dashboard.json", &exprs);
+    for m in [
+        "slipway_disk_durable_bytes_total",
+        "slipway_disk_backlog_bytes",
+        "slipway_disk_lag_seconds",
+        "slipway_ack_latency_seconds_bucket",
+        "slipway_restore_point_newest_age_seconds",
+    ] {
+        assert!(used.contains(m), "the dashboard does not chart {m}");
+    }
+}
