@@ -10,7 +10,7 @@ run:
 
 ## Everything: lint, unit tests, end-to-end tests with the real binaries
 test: lint
-	$(CARGO) test --workspace --no-fail-fast
+	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all --check
