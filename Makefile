@@ -59,3 +59,17 @@ fuzz:
 	    $(CARGO) fuzz run --sanitizer none $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=16384 \
 	        -print_final_stats=1 || exit 1; \
 	done
+
+## Staging AMI (issue 5): Packer (amazon-ebs, Debian 12) runs ami/provision.sh on a temporary
+## instance. Needs packer and AWS credentials; AMI_REGION, AMI_VERSION, AMI_BASE (empty: the
+## newest official Debian 12), AMI_ARCH (x86_64|arm64). Without packer it says so and fails.
+AMI_REGION ?= eu-west-1
+AMI_VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+AMI_BASE ?=
+AMI_ARCH ?= x86_64
+ami:
+	@command -v packer >/dev/null || { echo "make ami: packer is not installed (see docs/operations.md, 'Build the AMI'); no AMI built" >&2; exit 1; }
+	$(CARGO) build --release -p slipway --bin slipway
+	packer init ami/slipway.pkr.hcl
+	packer build -var region=$(AMI_REGION) -var version=$(AMI_VERSION) -var base_ami=$(AMI_BASE) \
+	    -var architecture=$(AMI_ARCH) -var binary=$(CURDIR)/target/release/slipway ami/slipway.pkr.hcl
