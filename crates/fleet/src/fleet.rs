@@ -105,6 +105,8 @@ pub enum Action {
     Tags { index: u32 },
     /// A server left with no source is terminated (its replica volumes stay).
     Retire { index: u32, instance_id: String },
+    /// A server found stopped (by hand, or an interrupted switch) is started again.
+    Start { index: u32, instance_id: String },
 }
 
 impl fmt::Display for Action {
@@ -168,6 +170,9 @@ impl fmt::Display for Action {
                 write!(f, "server {index}: security groups -> {}", groups.join(", "))
             }
             Action::Tags { index } => write!(f, "server {index}: update tags"),
+            Action::Start { index, instance_id } => {
+                write!(f, "server {index} ({instance_id}) is stopped: start it")
+            }
             Action::Retire { index, instance_id } => write!(
                 f,
                 "retire server {index} ({instance_id}): no source left; terminate (replica volumes are kept)"
@@ -599,7 +604,21 @@ impl Fleet {
                 }
                 Action::Tags { index } => {
                     let s = by_index[index].clone();
-                    self.sync_tags(&s, &server_tags(t, *index)).await?;
+                    let mut want = server_tags(t, *index);
+                    want.extend(
+                        s.tags
+                            .iter()
+                            .filter(|(k, _)| {
+                                k.starts_with(SOURCES_PREFIX) || k.as_str() == SETTINGS_SHA
+                            })
+                            .map(|(k, v)| (k.clone(), v.clone())),
+                    );
+                    self.sync_tags(&s, &want).await?;
+                }
+                Action::Start { index, instance_id } => {
+                    self.start(instance_id).await?;
+                    let s = self.server_by_id(t, instance_id).await?;
+                    by_index.insert(*index, s);
                 }
                 Action::Retire { index, instance_id } => {
                     self.terminate(std::slice::from_ref(instance_id)).await?;
@@ -694,6 +713,11 @@ impl Fleet {
                     instance_id: c.instance_id.clone(),
                     instance_type: d.instance_type,
                     settings: d.settings,
+                });
+            } else if c.state == "stopped" {
+                actions.push(Action::Start {
+                    index: c.index,
+                    instance_id: c.instance_id.clone(),
                 });
             }
         }
@@ -871,10 +895,7 @@ impl Fleet {
         if let Some(p) = &t.iam_instance_profile {
             call = call.iam_instance_profile(profile_spec(p));
         }
-        let out = call
-            .send()
-            .await
-            .map_err(|e| FleetError::sdk("RunInstances", e))?;
+        let out = self.run_instances(call, private_ip.is_some()).await?;
         let id = out
             .instances()
             .first()
@@ -884,6 +905,30 @@ impl Fleet {
         info!(template = %t.name, index, instance = %id, "launched replication server");
         self.wait_instance(&id, "running").await?;
         self.server_by_id(t, &id).await
+    }
+
+    /// RunInstances; with a fixed private IP, retried while EC2 still holds the address
+    /// (`InvalidIPAddress.InUse` shortly after the previous holder terminated).
+    pub(crate) async fn run_instances(
+        &self,
+        call: aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder,
+        fixed_ip: bool,
+    ) -> Result<aws_sdk_ec2::operation::run_instances::RunInstancesOutput, FleetError> {
+        let started = Instant::now();
+        loop {
+            match call.clone().send().await {
+                Ok(out) => return Ok(out),
+                Err(e)
+                    if fixed_ip
+                        && sdk_code(&e) == Some("InvalidIPAddress.InUse")
+                        && started.elapsed() < self.wait_timeout =>
+                {
+                    info!("private IP still in use; retrying RunInstances");
+                    tokio::time::sleep(self.poll_interval.max(Duration::from_millis(100))).await;
+                }
+                Err(e) => return Err(FleetError::sdk("RunInstances", e)),
+            }
+        }
     }
 
     async fn server_by_id(&self, t: &Template, id: &str) -> Result<ServerState, FleetError> {

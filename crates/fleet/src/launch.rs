@@ -417,10 +417,7 @@ impl Fleet {
         if let Some(p) = &launch.iam_instance_profile {
             call = call.iam_instance_profile(profile_spec(p));
         }
-        let out = call
-            .send()
-            .await
-            .map_err(|e| FleetError::sdk("RunInstances", e))?;
+        let out = self.run_instances(call, private_ip.is_some()).await?;
         let inst = out
             .instances()
             .first()

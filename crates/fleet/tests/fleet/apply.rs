@@ -260,3 +260,139 @@ async fn forty_sources_need_three_servers_and_a_41st_fills_one_first() {
     );
     assert_eq!(live(&env.instances().await).len(), 1);
 }
+
+#[tokio::test]
+async fn changed_user_tags_are_synced_live_and_a_stopped_server_is_started() {
+    let env = Env::start().await;
+    let t = env.template(2, "");
+    env.fleet.apply(&t, &APPLY).await.unwrap();
+    let id = env.instances().await[0].instance_id().unwrap().to_string();
+
+    // User tags are part of the server's settings (its volumes and snapshots carry them), so a
+    // change goes in place; the instance's tags follow, the sources stay recorded.
+    let t2 = env.template_full(2, "m5.large", "ami-12345678", "", "Owner = \"ops\"");
+    let r = env.fleet.apply(&t2, &APPLY).await.unwrap();
+    assert!(
+        matches!(
+            r.actions[..],
+            [Action::InPlace {
+                settings: true,
+                instance_type: None,
+                ..
+            }]
+        ),
+        "{r}"
+    );
+    let tags = tags_of(&env.instances().await[0]);
+    assert_eq!(tags.get("Owner").map(String::as_str), Some("ops"));
+    assert!(!tags.contains_key("Project"), "{tags:?}");
+    assert_eq!(tags["slipway:sources.0"], "src-00=1,src-01=1");
+    assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
+
+    // A tag edited by hand is put back live, without a restart.
+    env.ec2
+        .create_tags()
+        .resources(&id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("Owner")
+                .value("me")
+                .build(),
+        )
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("Extra")
+                .value("x")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let r = env.fleet.apply(&t2, &APPLY).await.unwrap();
+    assert_eq!(r.actions, [Action::Tags { index: 0 }], "{r}");
+    let tags = tags_of(&env.instances().await[0]);
+    assert_eq!(tags["Owner"], "ops");
+    assert!(!tags.contains_key("Extra"));
+    assert_eq!(tags["slipway:sources.0"], "src-00=1,src-01=1");
+    assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
+
+    // Someone stopped the server: apply starts it.
+    env.ec2
+        .stop_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .unwrap();
+    let r = env.fleet.apply(&t2, &APPLY).await.unwrap();
+    assert_eq!(
+        r.actions,
+        [Action::Start {
+            index: 0,
+            instance_id: id.clone()
+        }]
+    );
+    assert_eq!(r.servers[0].state, "running");
+    assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
+}
+
+#[tokio::test]
+async fn a_source_that_outgrows_its_server_moves_with_its_volumes() {
+    let mut env = Env::start().await;
+    let t = env.template(15, "");
+    env.fleet.apply(&t, &APPLY).await.unwrap();
+    let s0 = env.instances().await[0].instance_id().unwrap().to_string();
+    let v = env
+        .replica_on("src-03", "disk0", "wave1-0", &s0, "/dev/sdf")
+        .await;
+    let other = env
+        .replica_on("src-04", "disk0", "wave1-0", &s0, "/dev/sdg")
+        .await;
+
+    // src-03 now has 4 disks: server 0 would hold 18, so src-03 (and only it) moves.
+    env.disks.insert("src-03".into(), 4);
+    let t2 = env.template(15, "");
+    let r = env.fleet.apply(&t2, &APPLY).await.unwrap();
+    assert!(
+        r.actions.contains(&Action::Move {
+            source: "src-03".into(),
+            from: 0,
+            to: 1
+        }),
+        "{r}"
+    );
+    let all = env.instances().await;
+    assert_eq!(all.len(), 2);
+    let s1 = all
+        .iter()
+        .find(|i| tags_of(i)["slipway:server-index"] == "1")
+        .unwrap();
+    let s1_id = s1.instance_id().unwrap().to_string();
+    assert_eq!(tags_of(s1)["slipway:sources.0"], "src-03=4");
+    assert_eq!(env.attachments(&v).await, [(s1_id, "attached".to_string())]);
+    assert_eq!(
+        env.attachments(&other).await,
+        [(s0.clone(), "attached".to_string())]
+    );
+    let vol = env
+        .ec2
+        .describe_volumes()
+        .volume_ids(&v)
+        .send()
+        .await
+        .unwrap();
+    let vtags: std::collections::BTreeMap<_, _> = vol.volumes()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+        .collect();
+    assert_eq!(vtags["slipway:server"], "wave1-1");
+    let server0 = all
+        .iter()
+        .find(|i| i.instance_id() == Some(s0.as_str()))
+        .unwrap();
+    assert_eq!(server0.state().unwrap().name().unwrap().as_str(), "running");
+    assert!(!tags_of(server0)["slipway:sources.0"].contains("src-03"));
+    let agents: Vec<_> = r.agents.iter().filter(|a| a.0 == "src-03").collect();
+    assert_eq!(agents[0].1, 1);
+    assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
+}

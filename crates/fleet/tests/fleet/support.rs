@@ -114,6 +114,8 @@ pub struct Env {
     pub target_subnet: String,
     pub sg: String,
     pub dir: TempDir,
+    /// Disk counts other than 1, by source id, for the templates built here.
+    pub disks: BTreeMap<String, u32>,
 }
 
 impl Env {
@@ -192,6 +194,7 @@ impl Env {
             target_subnet: target,
             sg,
             dir: tempfile::tempdir().unwrap(),
+            disks: BTreeMap::new(),
         }
     }
 
@@ -202,14 +205,29 @@ impl Env {
     }
 
     pub fn template_with(&self, n: usize, instance_type: &str, ami: &str, extra: &str) -> Template {
+        self.template_full(n, instance_type, ami, extra, "Project = \"exit\"")
+    }
+
+    /// `tags`: the body of the `[tags]` table.
+    pub fn template_full(
+        &self,
+        n: usize,
+        instance_type: &str,
+        ami: &str,
+        extra: &str,
+        tags: &str,
+    ) -> Template {
         let mut text = format!(
             "name = \"wave1\"\nregion = \"{REGION}\"\nstaging_subnet = \"{}\"\n\
              security_groups = [\"{}\"]\ninstance_type = \"{instance_type}\"\nami = \"{ami}\"\n\
-             {extra}\n[tags]\nProject = \"exit\"\n",
+             {extra}\n[tags]\n{tags}\n",
             self.subnet, self.sg
         );
         for i in 0..n {
-            text.push_str(&format!("[[sources]]\nid = \"src-{i:02}\"\ndisks = 1\n"));
+            let disks = self.disks.get(&format!("src-{i:02}")).copied().unwrap_or(1);
+            text.push_str(&format!(
+                "[[sources]]\nid = \"src-{i:02}\"\ndisks = {disks}\n"
+            ));
         }
         text.push_str(&format!(
             "[launch]\ninstance_type = \"m5.xlarge\"\nsubnet = \"{}\"\nsecurity_groups = [\"{}\"]\n\
