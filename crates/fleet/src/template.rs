@@ -737,6 +737,33 @@ impl Template {
         hex::encode(&d[..8])
     }
 
+    /// One paragraph for `slipway template validate`: what the template describes.
+    pub fn summary(&self) -> String {
+        let disks: u32 = self.sources.iter().map(|s| s.disks).sum();
+        let sharing = if self.dedicated {
+            "one server per source".to_string()
+        } else {
+            format!("up to {} disks per server", self.max_disks_per_server)
+        };
+        let mut out = format!(
+            "template {} ({}) is valid: {} sources, {disks} disks; {} replication servers ({}) in {} ({}), {sharing}; agents connect to port {} over the {} IP",
+            self.name,
+            self.file.display(),
+            self.sources.len(),
+            self.instance_type,
+            self.ami,
+            self.staging_subnet,
+            self.region,
+            self.agent_port,
+            if self.private_ip_routing { "private" } else { "public" },
+        );
+        match &self.launch {
+            Some(l) => out.push_str(&format!("; launches: {} in {}", l.instance_type, l.subnet)),
+            None => out.push_str("; no [launch] section (slipway launch will refuse)"),
+        }
+        out
+    }
+
     /// A source of the template by id.
     pub fn source(&self, id: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.id == id)
@@ -777,6 +804,10 @@ ami = "ami-0123456789"
         assert!(t.sources.is_empty());
         assert!(t.launch.is_none());
         assert_eq!(t.pit, RawPitSettings::default());
+        assert_eq!(
+            t.summary(),
+            "template prod (/etc/slipway/t.toml) is valid: 0 sources, 0 disks; m5.large replication servers (ami-0123456789) in subnet-0abc (eu-west-1), up to 15 disks per server; agents connect to port 1500 over the private IP; no [launch] section (slipway launch will refuse)"
+        );
     }
 
     #[test]
