@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `slipway` and `slipway-agent` binaries over loopback QUIC.
 //! One test binary (ripgrep style) so the binaries are built and linked once.
 
+mod aws_backend;
 mod data_path;
 mod network;
 mod pit_sim;
