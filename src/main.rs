@@ -52,11 +52,59 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Replication templates: launch and reconcile replication servers on AWS.
+    Template {
+        #[command(subcommand)]
+        cmd: TemplateCmd,
+    },
+    /// Test and cutover instances from restore points (AWS).
+    Launch {
+        #[command(subcommand)]
+        list: Option<LaunchListCmd>,
+        /// The replication template (its region and launch section).
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// The source server to launch.
+        #[arg(long)]
+        source: Option<String>,
+        /// test or cutover (a cutover terminates the source's test instances first).
+        #[arg(long, value_parser = ["test", "cutover"])]
+        mode: Option<String>,
+        /// Restore point to launch from (default: the newest completed one).
+        #[arg(long)]
+        restore_point: Option<String>,
+    },
     /// Restore points: crash-consistent snapshots of all disks of a source.
     #[command(name = "restore-points")]
     RestorePoints {
         #[command(subcommand)]
         cmd: RpCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Check a replication template (no AWS call).
+    Validate { file: PathBuf },
+    /// Launch or reconcile the template's replication servers.
+    Apply {
+        file: PathBuf,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LaunchListCmd {
+    /// Launches recorded on instance tags.
+    List {
+        /// Only this template's launches (and its region).
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// Region to look in when no template is given.
+        #[arg(long, env = "AWS_REGION")]
+        region: Option<String>,
     },
 }
 
@@ -201,6 +249,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::RestorePoints { cmd } => restore_points(cmd),
+        Cmd::Template { cmd } => block_on(template(cmd)),
+        Cmd::Launch {
+            list,
+            template,
+            source,
+            mode,
+            restore_point,
+        } => block_on(launch(list, template, source, mode, restore_point)),
         Cmd::Token {
             cmd: TokenCmd::Issue { dir, source_id },
         } => {
@@ -378,6 +434,71 @@ fn print_status(s: &slipway_server::status::StatusReport) {
             println!("{:<20} no restore point yet: {b}", "");
         }
     }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
+async fn template(cmd: TemplateCmd) -> Result<()> {
+    match cmd {
+        TemplateCmd::Validate { file } => {
+            let t = slipway_fleet::validate(&file).await?;
+            println!("{}: ok — {}", file.display(), t.summary());
+        }
+        TemplateCmd::Apply { file, dry_run } => {
+            let t = slipway_fleet::validate(&file).await?;
+            let report = slipway_fleet::apply(&t, &slipway_fleet::ApplyOptions { dry_run }).await?;
+            println!("{report}");
+        }
+    }
+    Ok(())
+}
+
+async fn launch(
+    list: Option<LaunchListCmd>,
+    template: Option<PathBuf>,
+    source: Option<String>,
+    mode: Option<String>,
+    restore_point: Option<String>,
+) -> Result<()> {
+    if let Some(LaunchListCmd::List { template, region }) = list {
+        let t = match &template {
+            Some(p) => Some(slipway_fleet::validate(p).await?),
+            None => None,
+        };
+        let region = t
+            .as_ref()
+            .map(|t| t.region.clone())
+            .or(region)
+            .context("give --template or --region (or set AWS_REGION)")?;
+        let l = slipway_fleet::launch_list(&region, t.as_ref().map(|t| t.name.as_str())).await?;
+        println!("{l}");
+        return Ok(());
+    }
+    let (Some(file), Some(source), Some(mode)) = (template, source, mode) else {
+        bail!("slipway launch needs --template FILE --source ID --mode test|cutover");
+    };
+    let t = slipway_fleet::validate(&file).await?;
+    let mode = match mode.as_str() {
+        "cutover" => slipway_fleet::LaunchMode::Cutover,
+        _ => slipway_fleet::LaunchMode::Test,
+    };
+    let report = slipway_fleet::launch(
+        &t,
+        &slipway_fleet::LaunchRequest {
+            source,
+            mode,
+            restore_point,
+        },
+    )
+    .await?;
+    println!("{report}");
+    Ok(())
 }
 
 fn store_of(s: &Settings) -> slipway_store::snapshot::SnapshotStore {
