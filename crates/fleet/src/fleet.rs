@@ -487,26 +487,111 @@ impl Fleet {
 
     /// The assignment plan for the template given what runs now.
     pub fn plan(t: &Template, current: &[ServerState]) -> Plan {
+        Self::plan_with(t, current, &[])
+    }
+
+    /// The plan, with `lost` servers: indices with no instance whose sources still have replica
+    /// volumes tagged for them (an instance terminated by hand, or an apply interrupted between
+    /// terminating and relaunching a server). They keep their sources and are launched again,
+    /// so the new instance adopts the volumes by its server tag.
+    pub fn plan_with(t: &Template, current: &[ServerState], lost: &[CurrentServer]) -> Plan {
         let sources: Vec<SourceDemand> = t
             .sources
             .iter()
             .map(|s| SourceDemand::new(s.id.clone(), s.disks))
             .collect();
-        let current: Vec<CurrentServer> = current
+        let mut all: Vec<CurrentServer> = current
             .iter()
             .map(|s| CurrentServer {
                 index: s.index,
                 sources: s.sources.clone(),
             })
             .collect();
-        planner::plan(
+        all.extend(lost.iter().cloned());
+        let mut plan = planner::plan(
             &sources,
-            &current,
+            &all,
             Capacity {
                 max_disks: t.max_disks_per_server,
                 dedicated: t.dedicated,
             },
-        )
+        );
+        for s in &mut plan.servers {
+            if lost.iter().any(|l| l.index == s.index) {
+                s.launch = true;
+            }
+        }
+        plan.retire.retain(|i| !lost.iter().any(|l| l.index == *i));
+        plan
+    }
+
+    /// Lost servers (see [`plan_with`](Self::plan_with)), from the replica volumes of the
+    /// template's sources that no running server records.
+    async fn lost_servers(
+        &self,
+        t: &Template,
+        current: &[ServerState],
+    ) -> Result<Vec<CurrentServer>, FleetError> {
+        let recorded: std::collections::BTreeSet<&str> = current
+            .iter()
+            .flat_map(|s| s.sources.iter().map(|d| d.id.as_str()))
+            .collect();
+        let unrecorded: Vec<&crate::template::Source> = t
+            .sources
+            .iter()
+            .filter(|s| !recorded.contains(s.id.as_str()))
+            .collect();
+        let prefix = format!("{}-", t.name);
+        let mut by_index: BTreeMap<u32, Vec<SourceDemand>> = BTreeMap::new();
+        for chunk in unrecorded.chunks(100) {
+            let ids: Vec<&str> = chunk.iter().map(|s| s.id.as_str()).collect();
+            let vols = self
+                .ec2
+                .describe_volumes()
+                .filters(filter(
+                    &format!("tag:{}", aws_tags::ROLE),
+                    &[aws_tags::ROLE_REPLICA],
+                ))
+                .filters(filter(&format!("tag:{}", aws_tags::SOURCE_ID), &ids))
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .map_err(|e| FleetError::sdk("DescribeVolumes", e))?;
+            for v in &vols {
+                let tags = tag_map(v.tags());
+                let (Some(src), Some(index)) = (
+                    tags.get(aws_tags::SOURCE_ID),
+                    tags.get(aws_tags::SERVER)
+                        .and_then(|st| st.strip_prefix(&prefix))
+                        .and_then(|i| i.parse::<u32>().ok()),
+                ) else {
+                    continue;
+                };
+                if current.iter().any(|c| c.index == index) {
+                    continue;
+                }
+                let Some(source) = chunk.iter().find(|s| &s.id == src) else {
+                    continue;
+                };
+                let list = by_index.entry(index).or_default();
+                if !list.iter().any(|d| d.id == source.id) {
+                    list.push(SourceDemand::new(source.id.clone(), source.disks));
+                }
+            }
+        }
+        // A source with volumes under two lost indices: the lower one keeps it.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for (index, mut sources) in by_index {
+            sources.retain(|d| seen.insert(d.id.clone()));
+            sources.sort_by_key(|d| t.sources.iter().position(|s| s.id == d.id));
+            if !sources.is_empty() {
+                out.push(CurrentServer { index, sources });
+            }
+        }
+        Ok(out)
     }
 
     /// Reconciles the template's replication servers with the template (see the module doc
@@ -517,17 +602,47 @@ impl Fleet {
         opts: &ApplyOptions,
     ) -> Result<ApplyReport, FleetError> {
         self.check_capacity(t).await?;
-        let current = self.servers(t).await?;
-        let plan = Self::plan(t, &current);
-        let actions = Self::actions(t, &current, &plan);
+        let mut current = self.servers(t).await?;
         let mut warnings = Vec::new();
-        for s in &current {
-            if s.state == "stopping" || s.state == "pending" {
-                warnings.push(format!(
-                    "server {} ({}) is {}; apply again once it settles",
-                    s.index, s.instance_id, s.state
-                ));
+        // Servers in transition (a stop or start by hand, an interrupted apply): plan on what
+        // they settle to; a dry run only says so.
+        let moving: Vec<(String, &str)> = current
+            .iter()
+            .filter_map(|s| match s.state.as_str() {
+                "pending" => Some((s.instance_id.clone(), "running")),
+                "stopping" => Some((s.instance_id.clone(), "stopped")),
+                _ => None,
+            })
+            .collect();
+        if !moving.is_empty() {
+            if opts.dry_run {
+                for (id, to) in &moving {
+                    warnings.push(format!(
+                        "instance {id} is on its way to {to}; the plan assumes it got there"
+                    ));
+                }
+            } else {
+                for (id, to) in &moving {
+                    self.wait_instance(id, to).await?;
+                }
+                current = self.servers(t).await?;
             }
+        }
+        let lost = self.lost_servers(t, &current).await?;
+        for l in &lost {
+            warnings.push(format!(
+                "server {} has no instance but replica volumes of {}: launching it again",
+                l.index,
+                l.sources
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let plan = Self::plan_with(t, &current, &lost);
+        let actions = Self::actions(t, &current, &plan);
+        for s in &current {
             let want_public = t.public_ip;
             if want_public != s.public_ip.is_some() && s.state == "running" {
                 warnings.push(format!(

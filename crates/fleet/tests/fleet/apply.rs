@@ -396,3 +396,54 @@ async fn a_source_that_outgrows_its_server_moves_with_its_volumes() {
     assert_eq!(agents[0].1, 1);
     assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
 }
+
+#[tokio::test]
+async fn a_server_terminated_by_hand_is_relaunched_for_its_volumes_not_refilled_elsewhere() {
+    let env = Env::start().await;
+    let t = env.template(16, "");
+    env.fleet.apply(&t, &APPLY).await.unwrap();
+    let s1 = env
+        .instances()
+        .await
+        .into_iter()
+        .find(|i| tags_of(i)["slipway:server-index"] == "1")
+        .unwrap();
+    let s1_id = s1.instance_id().unwrap().to_string();
+    let v = env
+        .replica_on("src-15", "disk0", "wave1-1", &s1_id, "/dev/sdf")
+        .await;
+    env.ec2
+        .detach_volume()
+        .volume_id(&v)
+        .instance_id(&s1_id)
+        .send()
+        .await
+        .unwrap();
+    env.ec2
+        .terminate_instances()
+        .instance_ids(&s1_id)
+        .send()
+        .await
+        .unwrap();
+
+    // src-00 leaves the template, so server 0 has room for src-15; src-15's data is on
+    // server 1's volumes, so server 1 comes back instead.
+    let mut text = std::fs::read_to_string(env.dir.path().join("template.toml")).unwrap();
+    text = text.replace("[[sources]]\nid = \"src-00\"\ndisks = 1\n", "");
+    std::fs::write(env.dir.path().join("template.toml"), text).unwrap();
+    let t2 = slipway_fleet::template::load(&env.dir.path().join("template.toml")).unwrap();
+    let r = env.fleet.apply(&t2, &APPLY).await.unwrap();
+    assert!(
+        r.actions.iter().any(|a| matches!(a, Action::Launch { index: 1, sources, .. } if sources == &["src-15".to_string()])),
+        "{r}"
+    );
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("server 1 has no instance")),
+        "{r}"
+    );
+    let s0_sources: Vec<&str> = r.servers[0].sources.iter().map(String::as_str).collect();
+    assert!(!s0_sources.contains(&"src-15"), "{r}");
+    assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
+}
