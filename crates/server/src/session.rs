@@ -306,6 +306,12 @@ async fn control_loop(
                         close_with_error(&c.conn, &mut send, f, CLOSE_PROTOCOL).await;
                         break format!("malformed control frame: {e}");
                     }
+                    Some(Err(e @ FrameIoError::Stalled(_))) => {
+                        c.inner.metrics.reject("malformed");
+                        let f = ErrorFrame::new(ErrorCode::Malformed, e.to_string());
+                        close_with_error(&c.conn, &mut send, f, CLOSE_PROTOCOL).await;
+                        break format!("control frame stalled: {e}");
+                    }
                     Some(Err(e)) => break format!("control stream ended: {e}"),
                     None => break "control stream ended".to_string(),
                 };
@@ -528,6 +534,10 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 format!("opening disk {}: {e}", dd.disk_id),
             )
         };
+        // Metadata lives beside local volumes, but an EBS-backed disk has no directory yet.
+        if let Some(dir) = mp.parent() {
+            slipway_store::fsutil::create_dir_all_durable(dir).map_err(internal)?;
+        }
         let vol = FileVolume::open(&vpath).map_err(internal)?;
         if vol.size() < dd.size {
             return Err(internal(slipway_store::StoreError::TooSmall {
