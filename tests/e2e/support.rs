@@ -45,20 +45,27 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Server {
+        let mut cmd = Command::new(SLIPWAY);
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd, data_dir, listen, extra)
+    }
+
+    /// Runs `cmd serve --data-dir D --listen L --metrics-listen 127.0.0.1:0 extra…` (cmd is
+    /// the binary, or a wrapper such as `ip netns exec NS slipway`) and waits for its ready line.
+    fn spawn(mut cmd: Command, data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
         std::fs::create_dir_all(data_dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data_dir.join("server.log"))
             .unwrap();
-        let mut child = Command::new(SLIPWAY)
+        let mut child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info,quinn=warn")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -639,52 +646,10 @@ impl Server {
     }
 
     fn start_in_netns_on(data_dir: &Path, ns: &str, listen: &str, extra: &[&str]) -> Server {
-        std::fs::create_dir_all(data_dir).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("server.log"))
-            .unwrap();
         // `ip netns exec` enters the namespace and execs: the child's pid is the server's.
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, SLIPWAY, "serve", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "info,quinn=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawning slipway serve in a namespace");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let ready: serde_json::Value = loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
-                        if v["event"] == "ready" {
-                            break v;
-                        }
-                    }
-                }
-                _ => {
-                    let _ = child.kill();
-                    let log =
-                        std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
-                    panic!("server exited before it was ready; log:\n{log}");
-                }
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            data_dir: data_dir.to_owned(),
-            listen: ready["listen"].as_str().unwrap().parse().unwrap(),
-            metrics: ready["metrics_listen"].as_str().unwrap().parse().unwrap(),
-            fingerprint: ready["fingerprint"].as_str().unwrap().to_string(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, SLIPWAY]);
+        Self::spawn(cmd, data_dir, listen, extra)
     }
 
     /// The disk's entry in `slipway status --json` (null if absent).
