@@ -119,10 +119,19 @@ impl Tuning {
         let mut e = match reset_key {
             // A key that survives restarts: peers of a crashed-and-restarted server get its
             // stateless resets and reconnect at once instead of waiting for the idle timeout.
-            Some(k) => quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                k,
-            ))),
+            // Both halves must persist: quinn drops a packet whose connection id its generator
+            // does not recognise before it considers a reset, and the default generator's key
+            // is random per process, so the ids it hands out are keyed from `k` too.
+            Some(k) => {
+                let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
+                let tag = ring::hmac::sign(&hmac, b"slipway quic connection ids");
+                let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
+                let mut e = quinn::EndpointConfig::new(Arc::new(hmac));
+                e.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                e
+            }
             None => quinn::EndpointConfig::default(),
         };
         e.max_udp_payload_size(self.max_udp_payload.max(1200))
