@@ -392,6 +392,13 @@ fn print_status(s: &slipway_server::status::StatusReport) {
         s.version, s.listen, s.agents_connected, s.uptime_seconds
     );
     println!("certificate SHA-256: {}", s.fingerprint);
+    match s.attachment_slots {
+        Some((used, limit)) => println!(
+            "backend: {}  EBS attachment slots: {used} of {limit} in use",
+            s.backend
+        ),
+        None => println!("backend: {}", s.backend),
+    }
     if s.sources.is_empty() {
         println!("no sources yet");
         return;

@@ -146,6 +146,24 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
         assert_same(src, &dev, std::fs::metadata(src).unwrap().len());
     }
 
+    // The attachment slots in use (root volume and two replicas) and the type's limit
+    // (from DescribeInstanceTypes) are scraped like the rest.
+    let (code, metrics) = server.http_get("/metrics");
+    assert_eq!(code, 200);
+    crate::promtool_check(&metrics);
+    assert!(
+        metrics.contains("slipway_ebs_attachment_slots{kind=\"used\"} 3\n"),
+        "{metrics}"
+    );
+    let limit = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("slipway_ebs_attachment_slots{kind=\"limit\"} "))
+        .unwrap_or_else(|| panic!("no attachment limit in {metrics}"));
+    assert!(limit.parse::<u32>().unwrap() > 3, "{limit}");
+    let status = server.status();
+    assert_eq!(status["backend"], "aws", "{status}");
+    assert_eq!(status["attachment_slots"][0], 3, "{status}");
+
     // A restore point is a pair of tagged EBS snapshots.
     let rp = server.create_restore_point("web");
     let snaps = rt.block_on(async {

@@ -163,6 +163,14 @@ impl Inner {
                 .with_label_values(&l)
                 .set(st.replicated_bytes as i64);
         }
+        if let Some((used, limit)) = self.volumes.attachment_slots() {
+            m.attachment_slots
+                .with_label_values(&["used"])
+                .set(i64::from(used));
+            m.attachment_slots
+                .with_label_values(&["limit"])
+                .set(i64::from(limit));
+        }
         let now_ms = restore::now_ms();
         for (source, (count, newest, stored)) in self.rp.summary.lock().unwrap().iter() {
             let rp = &m.restore_points;
@@ -236,6 +244,8 @@ impl Inner {
             fingerprint: self.fingerprint.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             agents_connected: self.metrics.agents_connected.get(),
+            backend: self.volumes.name().into(),
+            attachment_slots: self.volumes.attachment_slots(),
             sources: sources.into_values().collect(),
         }
     }

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub disk_size_bytes: IntGaugeVec,
     pub replicated_bytes: IntGaugeVec,
     pub queued_bytes: IntGauge,
+    /// EBS attachment slots (`used`, `limit`); only on a backend with such a limit.
+    pub attachment_slots: IntGaugeVec,
     pub restore_points: RestorePointMetrics,
 }
 
@@ -261,6 +263,17 @@ impl Metrics {
                 IntGauge::new(
                     "slipway_queued_bytes",
                     "Write payload bytes received and not yet handed to a volume (bounded by replication.memory_limit).",
+                )
+                .unwrap(),
+            ),
+            attachment_slots: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "slipway_ebs_attachment_slots",
+                        "EBS attachment slots of this instance: used (root volume included) and the limit (less the network interfaces that share it on some types).",
+                    ),
+                    &["kind"],
                 )
                 .unwrap(),
             ),

@@ -265,6 +265,12 @@ pub struct StatusReport {
     pub fingerprint: String,
     pub uptime_seconds: u64,
     pub agents_connected: i64,
+    /// `local` or `aws`.
+    #[serde(default)]
+    pub backend: String,
+    /// EBS attachment slots (used, limit), on a backend with such a limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment_slots: Option<(u32, u32)>,
     pub sources: Vec<SourceReport>,
 }
 
