@@ -60,7 +60,8 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
     let cfg = d.path().join("slipway.toml");
     std::fs::write(
         &cfg,
-        "backend = \"aws\"\n[aws]\nregion = \"us-east-1\"\nserver_tag = \"e2e\"\npoll_interval = \"100ms\"\nwait_timeout = \"30s\"\n",
+        "backend = \"aws\"\n[aws]\nregion = \"us-east-1\"\nserver_tag = \"e2e\"\npoll_interval = \"100ms\"\nwait_timeout = \"30s\"\n\
+         [pit]\ntiers = [{ every = \"2s\", keep = 2 }]\n",
     )
     .unwrap();
     let endpoint = env.moto.endpoint();
@@ -255,6 +256,62 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
         rt.block_on(env.data_volumes()).len(),
         vols.len(),
         "no new volumes after the restart"
+    );
+
+    // The PIT policy (every 2 s, keep 2) prunes scheduled restore points by deleting their
+    // snapshots: what it pruned is gone from EBS, what it keeps is there, two snapshots each.
+    wait_until(
+        "the PIT policy to prune two restore points",
+        Duration::from_secs(60),
+        || {
+            let (_, m) = server.http_get("/metrics");
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix("slipway_restore_points_pruned_total{source=\"web\"} ")
+                })
+                .is_some_and(|v| v.parse::<f64>().unwrap() >= 2.0)
+        },
+    );
+    let log = server.log();
+    let pruned: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("restore point deleted") && l.contains("slipway_server::restore"))
+        .filter_map(|l| l.split("id=\"").nth(1))
+        .filter_map(|r| r.split('"').next())
+        .map(str::to_string)
+        .filter(|id| *id != rp)
+        .collect();
+    assert!(pruned.len() >= 2, "{log}");
+    let by_rp = rt.block_on(async {
+        let mut by_rp: BTreeMap<String, usize> = BTreeMap::new();
+        for s in env
+            .ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .send()
+            .await
+            .unwrap()
+            .snapshots()
+        {
+            if let Some(id) = tag_map(s.tags()).get("slipway:restore-point") {
+                *by_rp.entry(id.clone()).or_default() += 1;
+            }
+        }
+        by_rp
+    });
+    for id in &pruned {
+        assert!(
+            !by_rp.contains_key(id),
+            "pruned {id} still has snapshots: {by_rp:?}"
+        );
+    }
+    // Two kept, and a third at most between a tick's new point and its prune.
+    assert!((1..=3).contains(&by_rp.len()), "{by_rp:?}");
+    assert!(by_rp.values().all(|n| *n == 2), "{by_rp:?}");
+    let newest_pruned = pruned.iter().max().unwrap();
+    assert!(
+        by_rp.keys().all(|k| k > newest_pruned),
+        "the kept points are the newest: kept {by_rp:?}, pruned {pruned:?}"
     );
     let _ = agent.child.kill();
 }
