@@ -8,40 +8,49 @@ use std::time::Duration;
 
 #[path = "../../crates/aws/tests/aws/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
-mod aws_support;
+pub(crate) mod aws_support;
 
 use aws_support::imds::Imds;
 use aws_support::{tag_map, MotoEnv};
 
 use crate::support::*;
 
+/// The AWS API emulator, reset, with one instance of its own; installed by
+/// `crates/aws/tests/setup-moto.sh` (idempotent) the first time. Tests using it take turns.
+pub(crate) fn moto_env(rt: &tokio::runtime::Runtime) -> MotoEnv {
+    // The support module finds its setup script from its own crate; point it at the emulator.
+    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let server = SERVER.get_or_init(|| {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/aws/tests/setup-moto.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_string()
+    });
+    std::env::set_var("SLIPWAY_MOTO_SERVER", server);
+    rt.block_on(MotoEnv::start())
+}
+
 #[test]
 fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
-    // The support module finds its setup script from its own crate; point it at the emulator.
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/aws/tests/setup-moto.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let moto_server = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
-    std::env::set_var("SLIPWAY_MOTO_SERVER", moto_server);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let env = rt.block_on(MotoEnv::start());
+    let env = moto_env(&rt);
     let meta: BTreeMap<String, String> = [
         ("instance-id", env.identity.instance_id.as_str()),
         ("placement/availability-zone", aws_support::ZONE),

@@ -3,6 +3,7 @@
 
 mod aws_backend;
 mod data_path;
+mod fleet_switch;
 mod network;
 mod pit_sim;
 mod refusals;

@@ -108,6 +108,14 @@ impl Server {
         self.child.wait().unwrap();
     }
 
+    /// SIGTERM (what systemd sends when the instance shuts down): the server drains and
+    /// exits. Returns its exit status; panics if it is still running after `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        sh("kill", &["-TERM", &pid]);
+        self.wait_exit(limit)
+    }
+
     /// Starts again on the same data dir and port.
     pub fn restart(&mut self) {
         self.restart_env(&[]);

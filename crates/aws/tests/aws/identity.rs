@@ -53,6 +53,11 @@ async fn identity_from_imdsv2_with_a_session_token() {
     assert!(imds.counters.tokens.load(Ordering::SeqCst) >= 1);
     assert_eq!(imds.counters.gets.load(Ordering::SeqCst), 5);
     assert_eq!(imds.counters.refused.load(Ordering::SeqCst), 1);
+
+    // After a stop/modify-type/start the same instance reports its new type.
+    imds.set("instance-type", "c6i.xlarge");
+    let id = instance_identity_from(&client).await.unwrap();
+    assert_eq!(id.instance_type, "c6i.xlarge");
 }
 
 #[tokio::test]

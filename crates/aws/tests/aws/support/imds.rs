@@ -1,10 +1,12 @@
 //! A stand-in for the EC2 instance metadata service, IMDSv2 only: `PUT /latest/api/token`
 //! with a TTL header gives a token (and echoes the TTL header, which the SDK's client
-//! requires and moto's stand-in omits); every `GET` must carry that token.
+//! requires and moto's stand-in omits); every `GET` must carry that token. The key
+//! `user-data` is served at `/latest/user-data`; `set` changes a value while it runs (an
+//! instance type changed by a stop/modify/start).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::BufReader;
 use tokio::net::TcpListener;
@@ -24,6 +26,7 @@ pub struct ImdsCounters {
 pub struct Imds {
     pub endpoint: String,
     pub counters: Arc<ImdsCounters>,
+    meta: Arc<Mutex<BTreeMap<String, String>>>,
     task: JoinHandle<()>,
 }
 
@@ -40,7 +43,8 @@ impl Imds {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let counters = Arc::new(ImdsCounters::default());
         let c = counters.clone();
-        let meta = Arc::new(meta);
+        let meta = Arc::new(Mutex::new(meta));
+        let shared = meta.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -77,12 +81,14 @@ impl Imds {
                                     (401, vec![], String::new())
                                 } else {
                                     c.gets.fetch_add(1, Ordering::SeqCst);
-                                    match req
-                                        .path
-                                        .strip_prefix("/latest/meta-data/")
-                                        .and_then(|k| meta.get(k))
-                                    {
-                                        Some(v) => (200, vec![], v.clone()),
+                                    let key = match req.path.as_str() {
+                                        "/latest/user-data" => Some("user-data"),
+                                        p => p.strip_prefix("/latest/meta-data/"),
+                                    };
+                                    let value =
+                                        key.and_then(|k| meta.lock().unwrap().get(k).cloned());
+                                    match value {
+                                        Some(v) => (200, vec![], v),
                                         None => (404, vec![], String::new()),
                                     }
                                 }
@@ -109,7 +115,16 @@ impl Imds {
         Imds {
             endpoint,
             counters,
+            meta: shared,
             task,
         }
+    }
+
+    /// Sets (or adds) one value, e.g. `instance-type` or `user-data`.
+    pub fn set(&self, key: &str, value: &str) {
+        self.meta
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), value.to_string());
     }
 }

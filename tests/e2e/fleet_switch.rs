@@ -1,0 +1,531 @@
+//! The instance-type switch end to end: `slipway template apply` changes the replication
+//! server's type (stop, modify, start) while the real agent replicates into it, and the
+//! replica ends byte-identical to the source.
+//!
+//! The emulator only flips EC2 states; what a real instance does when they flip is played by
+//! a small "host" in front of it, used by the `slipway template apply` process:
+//! - on StopInstances of the server's instance it sends the server SIGTERM (what systemd does
+//!   at shutdown), waits for it to drain and exit, checks that every write the agent had
+//!   been acknowledged is on the volume, and only then forwards the call;
+//! - on StartInstances it forwards the call, then boots the instance: the IMDSv2 stand-in
+//!   answers with the instance's type and user data as the emulator now has them, the AMI's
+//!   own `slipway-userdata` script writes the settings file from the user data, and
+//!   `slipway serve` starts on it with the same data dir (the root disk survives a stop).
+//!
+//! The server itself talks to the emulator directly; its volumes are files
+//! (`SLIPWAY_AWS_DEVICE_MAP_DIR`), as in `aws_backend.rs`.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::InstanceAttributeName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::aws_backend::aws_support::http::read_request;
+use crate::aws_backend::aws_support::imds::Imds;
+use crate::aws_backend::aws_support::{tag_map, REGION, ZONE};
+use crate::aws_backend::moto_env;
+use crate::support::*;
+
+/// The instance the server runs on, and what happens to the server when EC2 stops or
+/// starts it.
+struct Host {
+    ec2: aws_sdk_ec2::Client,
+    imds: Imds,
+    instance: Mutex<String>,
+    dir: PathBuf,
+    /// Environment of `slipway serve`: the emulator, the IMDS stand-in, the device map.
+    env: Vec<(String, String)>,
+    server: Mutex<Option<Server>>,
+    /// The agent's source disk and ack journal, for the check at each stop.
+    source: PathBuf,
+    journal: PathBuf,
+    stops: AtomicUsize,
+    boots: AtomicUsize,
+    /// What each stop found: acknowledged ranges checked on the volume, or what was wrong.
+    stop_checks: Mutex<Vec<Result<usize, String>>>,
+}
+
+impl Host {
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("var")
+    }
+
+    fn devices(&self) -> PathBuf {
+        self.dir.join("devices")
+    }
+
+    /// The replica file of the one replica volume (whole GiB; the disk is its prefix).
+    fn volume_file(&self) -> Option<PathBuf> {
+        std::fs::read_dir(self.devices())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .next()
+    }
+
+    /// Boots the instance: IMDS from the emulator's view of it, the AMI's user-data script,
+    /// then `slipway serve` (same data dir and port as before, if it ran before).
+    async fn boot(self: &Arc<Self>) {
+        let id = self.instance.lock().unwrap().clone();
+        let inst = self
+            .ec2
+            .describe_instances()
+            .instance_ids(&id)
+            .send()
+            .await
+            .unwrap()
+            .reservations()[0]
+            .instances()[0]
+            .clone();
+        let ud = self
+            .ec2
+            .describe_instance_attribute()
+            .instance_id(&id)
+            .attribute(InstanceAttributeName::UserData)
+            .send()
+            .await
+            .unwrap();
+        let b64 = ud.user_data().and_then(|u| u.value()).unwrap_or_default();
+        let user_data = String::from_utf8(aws_smithy_types::base64::decode(b64).unwrap()).unwrap();
+        self.imds.set("instance-id", &id);
+        self.imds
+            .set("instance-type", inst.instance_type().unwrap().as_str());
+        self.imds.set(
+            "local-ipv4",
+            inst.private_ip_address().unwrap_or("10.0.1.10"),
+        );
+        self.imds.set("user-data", &user_data);
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.start_server())
+            .await
+            .unwrap();
+        self.boots.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn start_server(&self) {
+        // slipway-userdata.service, then slipway.service, as the AMI orders them.
+        let conf = self.dir.join("etc/slipway.toml");
+        std::fs::create_dir_all(conf.parent().unwrap()).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ami/files/slipway-userdata");
+        let out = std::process::Command::new("sh")
+            .arg(&script)
+            .env("SLIPWAY_IMDS_ENDPOINT", &self.imds.endpoint)
+            .env("SLIPWAY_CONFIG_FILE", &conf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "slipway-userdata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut slot = self.server.lock().unwrap();
+        // The first boot picks a free port; later boots keep it (agents have the address).
+        let listen = slot
+            .as_ref()
+            .map_or("127.0.0.1:0".to_string(), |s| s.listen.to_string());
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let s = Server::start_env(
+            &self.data_dir(),
+            &listen,
+            &["--config", conf.to_str().unwrap()],
+            &env,
+        );
+        *slot = Some(s);
+    }
+
+    /// Shutdown: SIGTERM, the server drains and exits; then what the agent was told is
+    /// durable must be on the volume.
+    fn shut_down(&self) {
+        let mut slot = self.server.lock().unwrap();
+        let s = slot.as_mut().expect("a server runs on the instance");
+        let status = s.terminate(Duration::from_secs(60));
+        let check = if !status.success() {
+            Err(format!(
+                "the server exited with {status} on SIGTERM:\n{}",
+                s.log()
+            ))
+        } else {
+            let vol = self.volume_file().expect("a replica volume");
+            let (journal, source) = (self.journal.clone(), self.source.clone());
+            std::panic::catch_unwind(move || check_journal(&journal, "a.img", &source, &vol))
+                .map_err(|e| {
+                    e.downcast_ref::<String>()
+                        .cloned()
+                        .unwrap_or_else(|| "check_journal panicked".into())
+                })
+        };
+        self.stop_checks.lock().unwrap().push(check);
+        self.stops.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn log(&self) -> String {
+        self.server
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| s.log())
+            .unwrap_or_default()
+    }
+}
+
+/// Forwards EC2 calls to the emulator, playing the host's part around StopInstances and
+/// StartInstances of its instance.
+async fn host_proxy(host: Arc<Host>, upstream: u16) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let host = host.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                let Ok(Some(req)) = read_request(&mut r).await else {
+                    return;
+                };
+                let body = String::from_utf8_lossy(&req.body).into_owned();
+                let id = host.instance.lock().unwrap().clone();
+                let ours = !id.is_empty() && body.contains(&format!("={id}"));
+                let action = body
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("Action="))
+                    .unwrap_or_default()
+                    .to_string();
+                if ours && (action == "StopInstances" || action == "TerminateInstances") {
+                    let h = host.clone();
+                    tokio::task::spawn_blocking(move || h.shut_down())
+                        .await
+                        .unwrap();
+                }
+                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    return;
+                };
+                if up.write_all(&req.to_bytes_closing()).await.is_err() {
+                    return;
+                }
+                let mut resp = Vec::new();
+                if up.read_to_end(&mut resp).await.is_err() {
+                    return;
+                }
+                if ours && action == "StartInstances" {
+                    host.boot().await;
+                }
+                let _ = w.write_all(&resp).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    endpoint
+}
+
+#[test]
+fn an_agent_keeps_replicating_across_an_instance_type_switch() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let env = moto_env(&rt);
+    let (subnet, sg) = rt.block_on(async {
+        let vpc = env
+            .ec2
+            .create_vpc()
+            .cidr_block("10.0.0.0/16")
+            .send()
+            .await
+            .unwrap()
+            .vpc()
+            .unwrap()
+            .vpc_id()
+            .unwrap()
+            .to_string();
+        let subnet = env
+            .ec2
+            .create_subnet()
+            .vpc_id(&vpc)
+            .cidr_block("10.0.1.0/24")
+            .availability_zone(ZONE)
+            .send()
+            .await
+            .unwrap()
+            .subnet()
+            .unwrap()
+            .subnet_id()
+            .unwrap()
+            .to_string();
+        let sg = env
+            .ec2
+            .create_security_group()
+            .group_name("slipway-replication")
+            .description("replication servers")
+            .vpc_id(&vpc)
+            .send()
+            .await
+            .unwrap()
+            .group_id()
+            .unwrap()
+            .to_string();
+        (subnet, sg)
+    });
+
+    let d = tempfile::tempdir().unwrap();
+    let source = d.path().join("a.img");
+    // 16 MiB of data, then 8 MiB of zeros the initial sync skips: the changes go there, so
+    // each range the agent journals as acknowledged has one content, the source's current one.
+    make_disk(&source, 16 << 20, 51);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&source)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    let meta: BTreeMap<String, String> = [
+        ("placement/availability-zone", ZONE),
+        ("placement/region", REGION),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let imds = rt.block_on(Imds::start(meta));
+    let moto = env.moto.endpoint();
+    let host_dir = d.path().join("host");
+    std::fs::create_dir_all(host_dir.join("devices")).unwrap();
+    let common = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", REGION),
+    ];
+    let mut server_env: Vec<(String, String)> = common
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    server_env.push(("AWS_ENDPOINT_URL".into(), moto.clone()));
+    server_env.push((
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+        imds.endpoint.clone(),
+    ));
+    server_env.push((
+        "SLIPWAY_AWS_DEVICE_MAP_DIR".into(),
+        host_dir.join("devices").to_str().unwrap().into(),
+    ));
+    let host = Arc::new(Host {
+        ec2: env.ec2.clone(),
+        imds,
+        instance: Mutex::new(String::new()),
+        dir: host_dir,
+        env: server_env,
+        server: Mutex::new(None),
+        source: source.clone(),
+        journal: d.path().join("agent.journal"),
+        stops: AtomicUsize::new(0),
+        boots: AtomicUsize::new(0),
+        stop_checks: Mutex::new(Vec::new()),
+    });
+    let port: u16 = moto.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = rt.block_on(host_proxy(host.clone(), port));
+
+    let template = d.path().join("wave.toml");
+    let write_template = |instance_type: &str| {
+        std::fs::write(
+            &template,
+            format!(
+                "name = \"wave\"\nregion = \"{REGION}\"\nstaging_subnet = \"{subnet}\"\n\
+                 security_groups = [\"{sg}\"]\ninstance_type = \"{instance_type}\"\n\
+                 ami = \"ami-12345678\"\n[[sources]]\nid = \"web\"\ndisks = 1\n"
+            ),
+        )
+        .unwrap();
+    };
+    let apply = || {
+        let mut cmd = std::process::Command::new(SLIPWAY);
+        cmd.args(["template", "apply"]).arg(&template);
+        cmd.envs(common.iter().copied())
+            .env("AWS_ENDPOINT_URL", &proxy)
+            .env("RUST_LOG", "info");
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "apply failed:\n{text}");
+        text
+    };
+
+    // Launch: one m5.large; the host boots it.
+    write_template("m5.large");
+    let first = apply();
+    let server_id = rt.block_on(async {
+        let r = env.ec2.describe_instances().send().await.unwrap();
+        let ours: Vec<String> = r
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| {
+                tag_map(i.tags())
+                    .get("slipway:template")
+                    .map(String::as_str)
+                    == Some("wave")
+            })
+            .map(|i| i.instance_id().unwrap().to_string())
+            .collect();
+        assert_eq!(ours.len(), 1, "{first}");
+        ours[0].clone()
+    });
+    *host.instance.lock().unwrap() = server_id.clone();
+    rt.block_on(host.boot());
+
+    // Replicate, following changes.
+    let (token, agent_server) = {
+        let slot = host.server.lock().unwrap();
+        let s = slot.as_ref().unwrap();
+        (s.token("web"), s.listen)
+    };
+    let mut agent = {
+        let slot = host.server.lock().unwrap();
+        Agent::start(
+            slot.as_ref().unwrap(),
+            "web",
+            &token,
+            &[&source],
+            &[
+                "--follow",
+                "--rescan-interval",
+                "1s",
+                "--ack-journal",
+                host.journal.to_str().unwrap(),
+            ],
+        )
+    };
+    let state = || {
+        host.server
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| s.disk_state("web", "a.img"))
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while state() != "continuous" {
+        assert!(
+            Instant::now() < deadline,
+            "not continuous; server log:\n{}\nagent log:\n{}",
+            host.log(),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // One change replicated (and acknowledged) before the switch, one made just before it
+    // (acknowledged or not when the server drains, it must arrive), one after it.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&source)
+        .unwrap();
+    let replica_matches = || {
+        let want = std::fs::read(&source).unwrap();
+        host.volume_file()
+            .map(|p| std::fs::read(p).unwrap())
+            .is_some_and(|got| got.len() >= want.len() && got[..want.len()] == want[..])
+    };
+    f.write_all_at(&vec![0x11; 1 << 20], 16 << 20).unwrap();
+    f.sync_all().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !replica_matches() {
+        assert!(
+            Instant::now() < deadline,
+            "the first change did not replicate; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.write_all_at(&vec![0x5a; 2 << 20], 18 << 20).unwrap();
+    f.sync_all().unwrap();
+
+    // The switch: m5.large → m5.xlarge, in place.
+    write_template("m5.xlarge");
+    let switched = apply();
+    assert_eq!(host.stops.load(Ordering::SeqCst), 1, "{switched}");
+    assert_eq!(host.boots.load(Ordering::SeqCst), 2, "{switched}");
+    let checks = host.stop_checks.lock().unwrap().clone();
+    match &checks[..] {
+        [Ok(n)] => assert!(*n > 0, "no acknowledged write to check"),
+        other => panic!("at the stop: {other:?}"),
+    }
+
+    // A change after it.
+    f.write_all_at(&vec![0xa5; 1 << 20], 21 << 20).unwrap();
+    f.sync_all().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !replica_matches() {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not catch up after the switch; server log:\n{}\nagent log:\n{}",
+            host.log(),
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Same instance, new type, the one replica volume still attached to it; the new server
+    // saw its new type through IMDS and adopted the volume; the agent resumed (no resync)
+    // at the same address.
+    rt.block_on(async {
+        let i = env
+            .ec2
+            .describe_instances()
+            .instance_ids(&server_id)
+            .send()
+            .await
+            .unwrap()
+            .reservations()[0]
+            .instances()[0]
+            .clone();
+        assert_eq!(i.instance_type().unwrap().as_str(), "m5.xlarge");
+        assert_eq!(i.state().unwrap().name().unwrap().as_str(), "running");
+        let vols = env.data_volumes().await;
+        let replicas: Vec<_> = vols
+            .iter()
+            .filter(|v| {
+                tag_map(v.tags())
+                    .get("slipway:source-id")
+                    .map(String::as_str)
+                    == Some("web")
+            })
+            .collect();
+        assert_eq!(replicas.len(), 1, "{vols:?}");
+        assert_eq!(
+            replicas[0].attachments()[0].instance_id(),
+            Some(server_id.as_str())
+        );
+    });
+    let log = host.log();
+    assert!(log.contains("m5.xlarge"), "{log}");
+    assert!(log.contains("adopted volume"), "{log}");
+    assert_eq!(
+        host.server.lock().unwrap().as_ref().unwrap().listen,
+        agent_server
+    );
+    let alog = agent.log_text();
+    assert_eq!(
+        alog.matches("pass starts from offset 0").count(),
+        1,
+        "only the initial sync is a full pass:\n{alog}"
+    );
+    assert!(alog.contains("resuming"), "{alog}");
+
+    // Nothing left to do: a second apply stops nothing.
+    let again = apply();
+    assert!(again.contains("no changes"), "{again}");
+    assert_eq!(host.stops.load(Ordering::SeqCst), 1);
+    let _ = agent.child.kill();
+    let _ = host.server.lock().unwrap().take();
+}
