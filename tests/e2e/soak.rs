@@ -128,7 +128,7 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
         // Let the system run a random while, then kill it.
         let pause = Duration::from_millis(rng.gen_range(500..10_000));
         std::thread::sleep(pause);
-        if round % 3 == 0 {
+        if round.is_multiple_of(3) {
             // A restore point of a random source, possibly killed in the middle.
             let s = &sources[rng.gen_range(0..sources.len())];
             let ready = wait_continuous(&server, s, Duration::from_secs(240));

@@ -241,7 +241,7 @@ fn defaults_three_weeks_jumping_to_next_due() {
         sim.take();
         let just_taken = format!("s{}", sim.now);
         assert!(!sim.due());
-        if steps % 97 == 0 {
+        if steps.is_multiple_of(97) {
             sim.now += 1;
             sim.take_on_demand();
         }

@@ -450,7 +450,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
             d.block_size
         )));
     }
-    if d.size == 0 || d.size % d.block_size as u64 != 0 {
+    if d.size == 0 || !d.size.is_multiple_of(d.block_size as u64) {
         return Err(invalid(format!(
             "disk size {} is not a positive multiple of the block size {}",
             d.size, d.block_size
@@ -966,7 +966,7 @@ async fn receive_writes(
 fn check_range(disk: &OpenDisk, offset: u64, len: u64) -> Result<(), ErrorFrame> {
     let h = disk.handle;
     let bs = disk.block_size as u64;
-    if len == 0 || offset % bs != 0 || len % bs != 0 {
+    if len == 0 || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
         return Err(ErrorFrame::for_disk(
             ErrorCode::Misaligned,
             h,

@@ -261,7 +261,7 @@ impl SnapshotStore {
             }
             let hash = hex::encode(Sha256::digest(&data));
             if self.hash_only {
-                if parent.map_or(true, |p| p.blocks[b as usize] != hash) {
+                if parent.is_none_or(|p| p.blocks[b as usize] != hash) {
                     stored += data.len() as u64;
                 }
             } else {
