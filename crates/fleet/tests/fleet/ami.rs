@@ -316,3 +316,140 @@ fn the_user_data_helper_writes_rendered_settings_and_keeps_the_default_otherwise
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// The Packer template, parsed as HCL2 (python-hcl2; Packer itself is not installable here),
+/// and wired to what provision.sh really installs.
+#[test]
+fn the_packer_template_parses_and_its_build_runs_the_provisioning_script() {
+    let hcl = repo().join("ami/slipway.pkr.hcl");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import hcl2, json, sys; print(json.dumps(hcl2.load(open(sys.argv[1]))))")
+        .arg(&hcl)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "parsing {} as HCL2 failed (python-hcl2 missing? .ci/run installs it into its tools \
+         venv: pip install python-hcl2):\n{}",
+        hcl.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = std::fs::read_to_string(&hcl).unwrap();
+    // python-hcl2 keeps string literals quoted and wraps expressions in ${…}.
+    let unq = |v: &serde_json::Value| -> String {
+        let s = v.as_str().unwrap_or_default();
+        s.trim_matches('"').to_string()
+    };
+
+    // Variables: the ones the Makefile passes, and every var.X the template uses, declared.
+    let declared: Vec<String> = doc["variable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v.as_object().unwrap().keys())
+        .map(|k| k.trim_matches('"').to_string())
+        .collect();
+    for v in ["region", "base_ami", "version", "binary", "architecture"] {
+        assert!(
+            declared.iter().any(|d| d == v),
+            "variable {v}: {declared:?}"
+        );
+    }
+    let makefile = std::fs::read_to_string(repo().join("Makefile")).unwrap();
+    for part in makefile.split("-var ").skip(1) {
+        let name = part.split('=').next().unwrap();
+        assert!(
+            declared.iter().any(|d| d == name),
+            "make ami passes -var {name}, which the template does not declare"
+        );
+    }
+    let locals: Vec<String> = doc["locals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v.as_object().unwrap().keys())
+        .cloned()
+        .collect();
+    for (prefix, names) in [("var.", &declared), ("local.", &locals)] {
+        for part in text.split(prefix).skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                names.contains(&name),
+                "{prefix}{name} is used but not declared"
+            );
+        }
+    }
+
+    // One amazon-ebs source: encrypted, IMDSv2 only; the build uses it.
+    let src = &doc["source"][0]["\"amazon-ebs\""]["\"slipway\""];
+    assert!(
+        src.is_object(),
+        "no source \"amazon-ebs\" \"slipway\": {doc}"
+    );
+    assert_eq!(src["encrypt_boot"], true);
+    assert_eq!(unq(&src["imds_support"]), "v2.0");
+    assert_eq!(
+        unq(&src["metadata_options"][0]["http_tokens"]),
+        "required",
+        "{src}"
+    );
+    let build = &doc["build"][0];
+    assert_eq!(
+        build["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(unq)
+            .collect::<Vec<_>>(),
+        ["source.amazon-ebs.slipway"]
+    );
+
+    // Uploads name files that exist beside the template; the commands run provision.sh and
+    // check paths it installs (verified here by installing into a scratch root).
+    let provisioners = build["provisioner"].as_array().unwrap();
+    let mut uploads = 0;
+    let mut commands = Vec::new();
+    for p in provisioners {
+        if let Some(f) = p.get("\"file\"") {
+            let source = unq(&f["source"]);
+            if let Some(rel) = source.strip_prefix("${path.root}/") {
+                assert!(
+                    repo().join("ami").join(rel).exists(),
+                    "file provisioner uploads missing ami/{rel}"
+                );
+                uploads += 1;
+            }
+        }
+        if let Some(s) = p.get("\"shell\"") {
+            commands.extend(s["inline"].as_array().unwrap().iter().map(unq));
+        }
+    }
+    assert_eq!(uploads, 2, "provision.sh and files/ are uploaded");
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("SLIPWAY_BINARY=") && c.contains("provision.sh")),
+        "{commands:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    provision(&root);
+    let mut checked = 0;
+    for c in &commands {
+        for word in c.split_whitespace() {
+            if word.starts_with("/usr/") || word.starts_with("/etc/") {
+                assert!(
+                    root.join(word.trim_start_matches('/')).exists(),
+                    "the build runs `{c}`, but provision.sh installs no {word}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2, "{commands:?}");
+}
