@@ -259,25 +259,36 @@ pub async fn read_frame_with(
     max_body: u32,
     lz4: bool,
 ) -> Result<Option<Frame>, FrameIoError> {
+    read_frame_within(recv, max_body, lz4, MID_FRAME_TIMEOUT).await
+}
+
+/// Like [`read_frame_with`], with `frame_timeout` instead of [`MID_FRAME_TIMEOUT`].
+pub async fn read_frame_within(
+    recv: &mut quinn::RecvStream,
+    max_body: u32,
+    lz4: bool,
+    frame_timeout: std::time::Duration,
+) -> Result<Option<Frame>, FrameIoError> {
     let mut head = [0u8; HEADER_LEN];
     // Between frames a stream may be idle as long as the connection lives; once a frame has
-    // begun, all of it must arrive within MID_FRAME_TIMEOUT (no slowloris holding a stream).
+    // begun, all of it must arrive within `frame_timeout` (no slowloris holding a stream).
     let first = match recv.read(&mut head).await? {
         Some(n) => n,
         None => return Ok(None),
     };
     match tokio::time::timeout(
-        MID_FRAME_TIMEOUT,
+        frame_timeout,
         finish_frame(recv, head, first, max_body, lz4),
     )
     .await
     {
         Ok(r) => r.map(Some),
-        Err(_) => Err(FrameIoError::Stalled(MID_FRAME_TIMEOUT)),
+        Err(_) => Err(FrameIoError::Stalled(frame_timeout)),
     }
 }
 
-/// How long the rest of a frame may take once its first byte arrived.
+/// How long the rest of a frame may take once its first byte arrived (the server's
+/// `replication.frame_timeout` default).
 pub const MID_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 async fn finish_frame(

@@ -78,6 +78,7 @@ pub struct RawReplication {
     pub disk_queue: Option<String>,
     pub memory_limit: Option<String>,
     pub stall_after: Option<String>,
+    pub frame_timeout: Option<String>,
     pub max_disks_per_connection: Option<u32>,
 }
 
@@ -134,6 +135,8 @@ pub struct Settings {
     pub disk_queue_bytes: u64,
     pub memory_limit_bytes: u64,
     pub stall_after: Duration,
+    /// Once a frame's first byte has arrived, all of it must within this.
+    pub frame_timeout: Duration,
     pub max_disks_per_connection: u32,
     pub tuning: Tuning,
     pub pit: slipway_pit::PitPolicy,
@@ -304,6 +307,17 @@ impl Settings {
             ));
         }
         let stall_after = dur("replication.stall_after", r.stall_after.as_ref(), "60s")?;
+        let frame_timeout = dur(
+            "replication.frame_timeout",
+            r.frame_timeout.as_ref(),
+            "120s",
+        )?;
+        if frame_timeout < Duration::from_secs(1) || frame_timeout > Duration::from_secs(3600) {
+            return Err(bad(
+                "replication.frame_timeout",
+                "must be between 1s and 1h".into(),
+            ));
+        }
         let max_disks = r.max_disks_per_connection.unwrap_or(64);
         if max_disks == 0 || max_disks > 1024 {
             return Err(bad(
@@ -379,6 +393,7 @@ impl Settings {
             disk_queue_bytes: disk_queue,
             memory_limit_bytes: memory_limit,
             stall_after,
+            frame_timeout,
             max_disks_per_connection: max_disks,
             tuning,
             pit,
@@ -429,6 +444,7 @@ mod tests {
         assert_eq!(s.data_dir, PathBuf::from("./var"));
         assert_eq!(s.bandwidth_bytes_per_sec, 0);
         assert!(s.compression);
+        assert_eq!(s.frame_timeout, slipway_net::MID_FRAME_TIMEOUT);
     }
 
     #[test]
@@ -483,6 +499,20 @@ mod tests {
         assert!(
             e.contains("replication.heartbeat") && e.contains("duration"),
             "{e}"
+        );
+
+        let e = load("[replication]\nframe_timeout = \"100ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("replication.frame_timeout") && e.contains("between 1s and 1h"),
+            "{e}"
+        );
+        assert_eq!(
+            load("[replication]\nframe_timeout = \"3s\"\n")
+                .unwrap()
+                .frame_timeout,
+            Duration::from_secs(3)
         );
 
         let e = load("[quic]\nmax_udp_payload = 100\n")
