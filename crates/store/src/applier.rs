@@ -11,6 +11,12 @@
 //! flush was running is covered by the next one, so many writes share one `fdatasync` (group
 //! commit) without any timer, and the writer never waits for the disk to acknowledge.
 //!
+//! The disk's metadata (its durable position, the resume point after a restart) is written by a
+//! third thread, at most once per `meta_interval` after a flush: a metadata write costs two
+//! fsyncs (file and directory), and in the flusher it delayed the next `fdatasync` and every
+//! ack waiting on it. The file may lag `durable`, never lead it: it is set from a completed
+//! flush.
+//!
 //! A failed write or flush stops the applier for good: nothing after the failure is ever
 //! reported durable, the caller sees [`ApplierEvent::Failed`], and recovery means a fresh
 //! applier that resumes from the metadata.
@@ -121,6 +127,12 @@ struct Shared {
     cv: Condvar,
     meta: Mutex<DiskMeta>,
     meta_path: PathBuf,
+    /// Serialises metadata files: each store writes a copy taken under it, so a later store
+    /// never writes an older copy over a newer one.
+    store_lock: Mutex<()>,
+    /// Wakes the metadata thread: a newer durable position to write, or closing.
+    meta_sync: Mutex<MetaSync>,
+    meta_cv: Condvar,
     events: EventFn,
     config: ApplierConfig,
     changes: Mutex<ChangeMap>,
@@ -136,6 +148,19 @@ struct State {
     failed: bool,
     closing: bool,
     released: Vec<u64>,
+}
+
+#[derive(Default)]
+struct MetaSync {
+    dirty: bool,
+    closing: bool,
+}
+
+/// Writes a copy of the in-memory metadata (temp file, fsync, rename, directory fsync).
+fn store_meta(s: &Shared) -> Result<(), StoreError> {
+    let _g = s.store_lock.lock().unwrap();
+    let mut m = s.meta.lock().unwrap().clone();
+    m.store(&s.meta_path)
 }
 
 /// Cloneable view of a running applier, for the owner's other tasks.
@@ -169,10 +194,14 @@ impl ApplierHandle {
     /// Changes metadata fields other than the durable position and writes it durably.
     /// `durable_seq` is owned by the flusher; a change to it here is overwritten.
     pub fn update_meta(&self, f: impl FnOnce(&mut DiskMeta)) -> Result<(), StoreError> {
-        let mut m = self.shared.meta.lock().unwrap();
-        let durable = m.durable_seq;
-        f(&mut m);
-        m.durable_seq = durable;
+        let _g = self.shared.store_lock.lock().unwrap();
+        let mut m = {
+            let mut m = self.shared.meta.lock().unwrap();
+            let durable = m.durable_seq;
+            f(&mut m);
+            m.durable_seq = durable;
+            m.clone()
+        };
         m.store(&self.shared.meta_path)
     }
 
@@ -296,6 +325,7 @@ pub struct Applier {
     handle: ApplierHandle,
     writer: Option<JoinHandle<()>>,
     flusher: Option<JoinHandle<()>>,
+    meta_writer: Option<JoinHandle<()>>,
 }
 
 impl Applier {
@@ -328,6 +358,9 @@ impl Applier {
             cv: Condvar::new(),
             meta: Mutex::new(meta),
             meta_path,
+            store_lock: Mutex::new(()),
+            meta_sync: Mutex::new(MetaSync::default()),
+            meta_cv: Condvar::new(),
             events: Box::new(events),
             config,
             changes: Mutex::new(changes),
@@ -348,11 +381,17 @@ impl Applier {
             .name(format!("fl {name}"))
             .spawn(move || flusher_loop(s))
             .expect("spawning flusher thread");
+        let s = shared.clone();
+        let meta_writer = std::thread::Builder::new()
+            .name(format!("md {name}"))
+            .spawn(move || meta_loop(s))
+            .expect("spawning metadata thread");
         Ok(Applier {
             tx: Some(tx),
             handle: ApplierHandle { shared },
             writer: Some(writer),
             flusher: Some(flusher),
+            meta_writer: Some(meta_writer),
         })
     }
 
@@ -374,13 +413,12 @@ impl Applier {
     pub fn close(mut self) -> Result<DiskMeta, StoreError> {
         self.shutdown();
         let h = &self.handle.shared;
-        let mut m = h.meta.lock().unwrap();
-        m.durable_seq = h.state.lock().unwrap().durable;
-        m.store(&h.meta_path)?;
+        h.meta.lock().unwrap().durable_seq = h.state.lock().unwrap().durable;
+        store_meta(h)?;
         if let Some(p) = &h.config.changes_path {
             h.changes.lock().unwrap().store(p, true)?;
         }
-        Ok(m.clone())
+        Ok(h.meta.lock().unwrap().clone())
     }
 
     fn shutdown(&mut self) {
@@ -396,6 +434,11 @@ impl Applier {
         if let Some(f) = self.flusher.take() {
             let _ = f.join();
         }
+        self.handle.shared.meta_sync.lock().unwrap().closing = true;
+        self.handle.shared.meta_cv.notify_all();
+        if let Some(m) = self.meta_writer.take() {
+            let _ = m.join();
+        }
     }
 }
 
@@ -407,6 +450,8 @@ impl Drop for Applier {
         st.closing = true;
         drop(st);
         self.handle.shared.cv.notify_all();
+        self.handle.shared.meta_sync.lock().unwrap().closing = true;
+        self.handle.shared.meta_cv.notify_all();
     }
 }
 
@@ -498,7 +543,6 @@ fn hold_at_marker(s: &Shared, seq: u64, marker_id: u64) {
 }
 
 fn flusher_loop(s: Arc<Shared>) {
-    let mut last_meta = Instant::now();
     loop {
         let mut st = s.state.lock().unwrap();
         while st.written <= st.durable && !st.closing && !st.failed {
@@ -530,21 +574,50 @@ fn flusher_loop(s: Arc<Shared>) {
             m.durable_seq = target;
             m.replicated_bytes += bytes;
         }
+        // The metadata file is written by its own thread: its fsyncs (file and directory)
+        // must not delay the next fdatasync, which every waiting ack depends on.
+        s.meta_sync.lock().unwrap().dirty = true;
+        s.meta_cv.notify_all();
         (s.events)(ApplierEvent::Durable {
             seq: target,
             writes,
             bytes,
             flush,
         });
-        if last_meta.elapsed() >= s.config.meta_interval {
-            let mut m = s.meta.lock().unwrap();
-            if let Err(e) = m.store(&s.meta_path) {
-                // Data is durable; only the resume hint is stale. Retried on the next flush.
-                tracing::warn!(path = %s.meta_path.display(), error = %e, "metadata update failed");
-            } else {
-                last_meta = Instant::now();
+    }
+}
+
+/// Writes the metadata after flushes, at most once per `meta_interval`, until closing
+/// (`close()` writes the final copy itself).
+fn meta_loop(s: Arc<Shared>) {
+    let mut last: Option<Instant> = None;
+    loop {
+        let mut ms = s.meta_sync.lock().unwrap();
+        while !ms.dirty && !ms.closing {
+            ms = s.meta_cv.wait(ms).unwrap();
+        }
+        if ms.closing {
+            return;
+        }
+        // Rate limit; closing interrupts the wait.
+        if let Some(t) = last {
+            let due = t + s.config.meta_interval;
+            while !ms.closing && Instant::now() < due {
+                let left = due.saturating_duration_since(Instant::now());
+                ms = s.meta_cv.wait_timeout(ms, left).unwrap().0;
+            }
+            if ms.closing {
+                return;
             }
         }
+        ms.dirty = false;
+        drop(ms);
+        if let Err(e) = store_meta(&s) {
+            // Data is durable; only the resume hint is stale. Retried after the next flush.
+            tracing::warn!(path = %s.meta_path.display(), error = %e, "metadata update failed");
+            s.meta_sync.lock().unwrap().dirty = true;
+        }
+        last = Some(Instant::now());
     }
 }
 
@@ -598,6 +671,41 @@ mod tests {
                 return seen;
             }
         }
+    }
+
+    /// The metadata thread writes the durable position after flushes without waiting for
+    /// close, and the file never claims more than is durable.
+    #[test]
+    fn metadata_follows_flushes_without_close_and_never_leads() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = Arc::new(MemVolume::new(1 << 20));
+        let (a, rx) = start(vol, d.path(), 0);
+        let h = a.handle();
+        let path = d.path().join("d.meta.json");
+        for seq in 1..=50 {
+            a.submit(write(seq, (seq % 64) * 512, seq as u8)).unwrap();
+        }
+        wait_durable(&rx, 50);
+        // Bounded wait for the metadata thread (an event, not a sleep, would need a hook
+        // the production code has no use for).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let on_disk = DiskMeta::load(&path).ok().flatten().map(|m| m.durable_seq);
+            assert!(on_disk.unwrap_or(0) <= h.durable_seq());
+            if on_disk == Some(50) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "metadata stuck at {on_disk:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Another field changed meanwhile is not lost by a later durable-position write.
+        h.update_meta(|m| m.block_size = 4096).unwrap();
+        a.submit(write(51, 0, 9)).unwrap();
+        wait_durable(&rx, 51);
+        let meta = a.close().unwrap();
+        assert_eq!(meta.durable_seq, 51);
+        let on_disk = DiskMeta::load(&path).unwrap().unwrap();
+        assert_eq!((on_disk.durable_seq, on_disk.block_size), (51, 4096));
     }
 
     #[test]
