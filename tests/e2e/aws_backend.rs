@@ -102,30 +102,25 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
         &[&a, &b],
         &["--follow", "--rescan-interval", "1s"],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !(server.disk_state("web", "a.img") == "continuous"
-        && server.disk_state("web", "b.img") == "continuous")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "disks not continuous; server log:\n{}\nagent log:\n{}",
-            server.log(),
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_or(
+        "both disks to be continuous",
+        Duration::from_secs(120),
+        || {
+            server.disk_state("web", "a.img") == "continuous"
+                && server.disk_state("web", "b.img") == "continuous"
+        },
+        || {
+            format!(
+                "server log:\n{}\nagent log:\n{}",
+                server.log(),
+                agent.log_text()
+            )
+        },
+    );
 
     // Two tagged, encrypted volumes attached to the replication server's instance.
     let vols = rt.block_on(env.data_volumes());
-    let ours: Vec<_> = vols
-        .iter()
-        .filter(|v| {
-            tag_map(v.tags())
-                .get("slipway:source-id")
-                .map(String::as_str)
-                == Some("web")
-        })
-        .collect();
+    let ours = rt.block_on(env.replicas_of("web"));
     assert_eq!(ours.len(), 2, "{vols:?}");
     for v in &ours {
         let tags = tag_map(v.tags());
@@ -176,16 +171,7 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
 
     // A restore point is a pair of tagged EBS snapshots.
     let rp = server.create_restore_point("web");
-    let snaps = rt.block_on(async {
-        env.ec2
-            .describe_snapshots()
-            .owner_ids("self")
-            .send()
-            .await
-            .unwrap()
-            .snapshots()
-            .to_vec()
-    });
+    let snaps = rt.block_on(env.snapshots());
     let of_rp: Vec<_> = snaps
         .iter()
         .filter(|s| tag_map(s.tags()).get("slipway:restore-point") == Some(&rp))
@@ -202,16 +188,7 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
     // Deleting it deletes its snapshots.
     let (ok, _, err) = server.cli(&["restore-points", "delete", &rp]);
     assert!(ok, "{err}");
-    let left = rt.block_on(async {
-        env.ec2
-            .describe_snapshots()
-            .owner_ids("self")
-            .send()
-            .await
-            .unwrap()
-            .snapshots()
-            .to_vec()
-    });
+    let left = rt.block_on(env.snapshots());
     assert!(
         !left
             .iter()
@@ -226,40 +203,32 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
     use std::os::unix::fs::FileExt;
     f.write_all_at(&vec![0x42; 1 << 20], 3 << 20).unwrap();
     f.sync_all().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while !{
+    let a_volume = || {
         let vols = rt.block_on(env.data_volumes());
-        vols.iter()
-            .filter(|v| {
-                tag_map(v.tags()).get("slipway:disk-id").map(String::as_str) == Some("a.img")
-            })
-            .filter_map(|v| {
-                std::fs::read_dir(&devs).unwrap().flatten().find(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .contains(v.volume_id().unwrap())
-                })
-            })
-            .any(|e| {
-                // The volume is whole GiB; the replica is its first `len` bytes.
-                let want = std::fs::read(&a).unwrap();
-                let got = std::fs::read(e.path()).unwrap();
-                got.len() >= want.len() && got[..want.len()] == want[..]
-            })
-    } {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the change did not replicate after the restart; devices {:?}; differing MiB of a.img's volume: {:?}\nserver log:\n{}\nagent log:\n{}",
-            std::fs::read_dir(&devs).unwrap().flatten().map(|e| e.file_name()).collect::<Vec<_>>(),
-            std::fs::read_dir(&devs).unwrap().flatten().map(|e| {
-                let (x, y) = (std::fs::read(e.path()).unwrap(), std::fs::read(&a).unwrap());
-                (e.file_name(), x.chunks(1 << 20).zip(y.chunks(1 << 20)).enumerate().filter(|(_, (p, q))| p != q).map(|(i, _)| i).collect::<Vec<_>>())
-            }).collect::<Vec<_>>(),
-            server.log(),
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        let id = vols
+            .iter()
+            .find(|v| tag_map(v.tags()).get("slipway:disk-id").map(String::as_str) == Some("a.img"))
+            .and_then(|v| v.volume_id())
+            .unwrap()
+            .to_string();
+        std::fs::read_dir(&devs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains(&id))
+    };
+    wait_until_or(
+        "the change to replicate after the restart",
+        Duration::from_secs(180),
+        || a_volume().is_some_and(|v| holds_prefix(&v, &a)),
+        || {
+            format!(
+                "server log:\n{}\nagent log:\n{}",
+                server.log(),
+                agent.log_text()
+            )
+        },
+    );
     assert!(server.log().contains("adopted volume"), "{}", server.log());
     assert_eq!(
         rt.block_on(env.data_volumes()).len(),
@@ -293,17 +262,9 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
     assert!(pruned.len() >= 2, "{log}");
     let by_rp = rt.block_on(async {
         let mut by_rp: BTreeMap<String, usize> = BTreeMap::new();
-        for s in env
-            .ec2
-            .describe_snapshots()
-            .owner_ids("self")
-            .send()
-            .await
-            .unwrap()
-            .snapshots()
-        {
-            if let Some(id) = tag_map(s.tags()).get("slipway:restore-point") {
-                *by_rp.entry(id.clone()).or_default() += 1;
+        for s in env.snapshots().await {
+            if let Some(id) = tag_map(s.tags()).remove("slipway:restore-point") {
+                *by_rp.entry(id).or_default() += 1;
             }
         }
         by_rp

@@ -20,13 +20,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ec2::types::InstanceAttributeName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 
-use crate::aws_backend::aws_support::http::read_request;
+use crate::aws_backend::aws_support::http::{forward, read_request};
 use crate::aws_backend::aws_support::imds::Imds;
 use crate::aws_backend::aws_support::{tag_map, REGION, ZONE};
 use crate::aws_backend::moto_env;
@@ -206,16 +206,9 @@ async fn host_proxy(host: Arc<Host>, upstream: u16) -> String {
                         .await
                         .unwrap();
                 }
-                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                let Some(resp) = forward(upstream, &req).await else {
                     return;
                 };
-                if up.write_all(&req.to_bytes_closing()).await.is_err() {
-                    return;
-                }
-                let mut resp = Vec::new();
-                if up.read_to_end(&mut resp).await.is_err() {
-                    return;
-                }
                 if ours && action == "StartInstances" {
                     host.boot().await;
                 }
@@ -413,16 +406,19 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
             .map(|s| s.disk_state("web", "a.img"))
             .unwrap_or_default()
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while state() != "continuous" {
-        assert!(
-            Instant::now() < deadline,
-            "not continuous; server log:\n{}\nagent log:\n{}",
+    let logs = || {
+        format!(
+            "server log:\n{}\nagent log:\n{}",
             host.log(),
             agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        )
+    };
+    wait_until_or(
+        "the disk to be continuous",
+        Duration::from_secs(120),
+        || state() == "continuous",
+        logs,
+    );
 
     // One change replicated (and acknowledged) before the switch, one made just before it
     // (acknowledged or not when the server drains, it must arrive), one after it.
@@ -431,22 +427,17 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         .open(&source)
         .unwrap();
     let replica_matches = || {
-        let want = std::fs::read(&source).unwrap();
         host.volume_file()
-            .map(|p| std::fs::read(p).unwrap())
-            .is_some_and(|got| got.len() >= want.len() && got[..want.len()] == want[..])
+            .is_some_and(|v| holds_prefix(&v, &source))
     };
     f.write_all_at(&vec![0x11; 1 << 20], 16 << 20).unwrap();
     f.sync_all().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !replica_matches() {
-        assert!(
-            Instant::now() < deadline,
-            "the first change did not replicate; agent log:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_or(
+        "the first change to replicate",
+        Duration::from_secs(60),
+        replica_matches,
+        logs,
+    );
     f.write_all_at(&vec![0x5a; 2 << 20], 18 << 20).unwrap();
     f.sync_all().unwrap();
 
@@ -464,16 +455,12 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     // A change after it.
     f.write_all_at(&vec![0xa5; 1 << 20], 21 << 20).unwrap();
     f.sync_all().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !replica_matches() {
-        assert!(
-            Instant::now() < deadline,
-            "the replica did not catch up after the switch; server log:\n{}\nagent log:\n{}",
-            host.log(),
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_or(
+        "the replica to catch up after the switch",
+        Duration::from_secs(120),
+        replica_matches,
+        logs,
+    );
 
     // Same instance, new type, the one replica volume still attached to it; the new server
     // saw its new type through IMDS and adopted the volume; the agent resumed (no resync)
@@ -491,17 +478,8 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
             .clone();
         assert_eq!(i.instance_type().unwrap().as_str(), "m5.xlarge");
         assert_eq!(i.state().unwrap().name().unwrap().as_str(), "running");
-        let vols = env.data_volumes().await;
-        let replicas: Vec<_> = vols
-            .iter()
-            .filter(|v| {
-                tag_map(v.tags())
-                    .get("slipway:source-id")
-                    .map(String::as_str)
-                    == Some("web")
-            })
-            .collect();
-        assert_eq!(replicas.len(), 1, "{vols:?}");
+        let replicas = env.replicas_of("web").await;
+        assert_eq!(replicas.len(), 1, "{replicas:?}");
         assert_eq!(
             replicas[0].attachments()[0].instance_id(),
             Some(server_id.as_str())

@@ -4,12 +4,8 @@
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use slipway_net::tls::{client_config, ServerTrust};
-use slipway_net::{read_frame, write_frame, write_write, Tuning};
-use slipway_proto::{
-    ClientHandshake, DiskOpen, ErrorCode, Frame, Hello, StreamBind, Write, WriteZeroes,
-    MAX_BODY_LEN,
-};
+use slipway_net::{read_frame, write_frame, write_write};
+use slipway_proto::{DiskOpen, ErrorCode, Frame, StreamBind, Write, WriteZeroes, MAX_BODY_LEN};
 
 use crate::support::*;
 
@@ -24,29 +20,10 @@ struct Raw {
 }
 
 async fn connect(server: &Server, source: &str, token: &str) -> (Raw, Frame) {
-    let tuning = Tuning::default();
-    let cfg = client_config(
-        &ServerTrust::Fingerprint(server.fingerprint.clone()),
-        &tuning,
-    )
-    .unwrap();
-    let ep = tuning.client_endpoint(server.listen).unwrap();
-    let conn = ep
-        .connect_with(cfg, server.listen, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let (ep, conn) = quic_connect(server).await;
     let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.unwrap();
-    let hs = ClientHandshake::new(Hello {
-        version_min: 0,
-        version_max: 0,
-        features: 0,
-        agent_run: rand::random(),
-        source_id: source.into(),
-        credential: token.into(),
-        agent_version: "raw-test".into(),
-    });
-    write_frame(&mut ctl_send, &hs.hello_frame()).await.unwrap();
+    let hello = hello_frame(source, token, rand::random(), "raw-test");
+    write_frame(&mut ctl_send, &hello).await.unwrap();
     let answer = read_frame(&mut ctl_recv, MAX_BODY_LEN)
         .await
         .unwrap()

@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
-use slipway_net::tls::{client_config, ServerTrust};
-use slipway_net::{read_frame, write_frame, Tuning};
-use slipway_proto::{
-    ClientHandshake, DiskOpen, ErrorCode, Frame, Hello, StreamBind, Write, MAX_BODY_LEN,
-};
+use slipway_net::{read_frame, write_frame};
+use slipway_proto::{DiskOpen, ErrorCode, Frame, StreamBind, Write, MAX_BODY_LEN};
 
 use crate::support::*;
 
@@ -168,34 +165,8 @@ fn enospc_errors_the_disk_acks_nothing_past_it_others_carry_on_and_it_recovers()
 // ---------------------------------------------------------------------------------------------
 // Hostile input.
 
-/// A raw QUIC client of the test itself.
-async fn quic(server: &Server) -> (quinn::Endpoint, quinn::Connection) {
-    let tuning = Tuning::default();
-    let cfg = client_config(
-        &ServerTrust::Fingerprint(server.fingerprint.clone()),
-        &tuning,
-    )
-    .unwrap();
-    let ep = tuning.client_endpoint(server.listen).unwrap();
-    let conn = ep
-        .connect_with(cfg, server.listen, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    (ep, conn)
-}
-
 fn hello(source: &str, credential: &str) -> Frame {
-    ClientHandshake::new(Hello {
-        version_min: 0,
-        version_max: 0,
-        features: 0,
-        agent_run: rand::random(),
-        source_id: source.into(),
-        credential: credential.into(),
-        agent_version: "hostile-test".into(),
-    })
-    .hello_frame()
+    hello_frame(source, credential, rand::random(), "hostile-test")
 }
 
 /// Connects and says hello; returns the connection, control stream and the server's answer.
@@ -210,7 +181,7 @@ async fn hello_with(
     quinn::RecvStream,
     Option<Frame>,
 ) {
-    let (ep, conn) = quic(server).await;
+    let (ep, conn) = quic_connect(server).await;
     let (mut s, mut r) = conn.open_bi().await.unwrap();
     write_frame(&mut s, &hello(source, credential))
         .await
@@ -386,7 +357,7 @@ fn unauthenticated_and_forged_clients_are_refused_and_others_are_unaffected() {
         //    the 10 s handshake timeout.
         let mut silent = vec![];
         for i in 0..250 {
-            let (ep, conn) = quic(&server).await;
+            let (ep, conn) = quic_connect(&server).await;
             let stream = if i >= 200 {
                 let (mut s, r) = conn.open_bi().await.unwrap();
                 s.write_all(&[0x01, 0x00, 0x00]).await.unwrap();
@@ -448,7 +419,7 @@ fn unauthenticated_and_forged_clients_are_refused_and_others_are_unaffected() {
         // 3. A 4 GiB frame header as the very first frame, then a flood: TooLarge, close 1,
         //    and the flood is not buffered.
         for ty in [0x01u8, 0x06] {
-            let (_ep, conn) = quic(&server).await;
+            let (_ep, conn) = quic_connect(&server).await;
             let (mut s, mut r) = conn.open_bi().await.unwrap();
             s.write_all(&[ty, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])
                 .await

@@ -7,12 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
-use slipway_net::tls::{client_config, ServerTrust};
-use slipway_net::{read_frame, write_frame, write_write, Tuning};
-use slipway_proto::{
-    ClientHandshake, DiskOpen, Frame, Hello, Marker, Phase, Progress, StreamBind, Write,
-    MAX_BODY_LEN,
-};
+use slipway_net::{read_frame, write_frame, write_write};
+use slipway_proto::{DiskOpen, Frame, Marker, Phase, Progress, StreamBind, Write, MAX_BODY_LEN};
 
 use crate::support::*;
 
@@ -34,29 +30,10 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
         .unwrap();
     let mut expected: HashMap<String, [Vec<u8>; 2]> = HashMap::new();
     rt.block_on(async {
-        let tuning = Tuning::default();
-        let cfg = client_config(
-            &ServerTrust::Fingerprint(server.fingerprint.clone()),
-            &tuning,
-        )
-        .unwrap();
-        let ep = tuning.client_endpoint(server.listen).unwrap();
-        let conn = ep
-            .connect_with(cfg, server.listen, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
+        let (_ep, conn) = quic_connect(&server).await;
         let (mut cs, mut cr) = conn.open_bi().await.unwrap();
-        let hs = ClientHandshake::new(Hello {
-            version_min: 0,
-            version_max: 0,
-            features: 0,
-            agent_run: 7,
-            source_id: "two-disk".into(),
-            credential: token.clone(),
-            agent_version: "model".into(),
-        });
-        write_frame(&mut cs, &hs.hello_frame()).await.unwrap();
+        let hello = hello_frame("two-disk", &token, 7, "model");
+        write_frame(&mut cs, &hello).await.unwrap();
         assert!(matches!(
             read_frame(&mut cr, MAX_BODY_LEN).await.unwrap(),
             Some(Frame::Welcome(_))

@@ -348,6 +348,72 @@ impl Drop for Agent {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// A raw protocol client of the tests themselves (hostile and model clients).
+
+/// A QUIC connection to `server`, pinning its certificate, as an agent makes it.
+pub async fn quic_connect(server: &Server) -> (quinn::Endpoint, quinn::Connection) {
+    let tuning = slipway_net::Tuning::default();
+    let cfg = slipway_net::tls::client_config(
+        &slipway_net::tls::ServerTrust::Fingerprint(server.fingerprint.clone()),
+        &tuning,
+    )
+    .unwrap();
+    let ep = tuning.client_endpoint(server.listen).unwrap();
+    let conn = ep
+        .connect_with(cfg, server.listen, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    (ep, conn)
+}
+
+/// The Hello frame of a client of `source` presenting `credential`.
+pub fn hello_frame(
+    source: &str,
+    credential: &str,
+    agent_run: u64,
+    agent_version: &str,
+) -> slipway_proto::Frame {
+    slipway_proto::ClientHandshake::new(slipway_proto::Hello {
+        version_min: 0,
+        version_max: 0,
+        features: 0,
+        agent_run,
+        source_id: source.into(),
+        credential: credential.into(),
+        agent_version: agent_version.into(),
+    })
+    .hello_frame()
+}
+
+/// Like [`wait_until`]; if it times out, the panic message adds `context()` (logs, states).
+pub fn wait_until_or(
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {limit:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `volume` begins with the bytes of `source` (a volume may be larger: EBS sizes are
+/// whole GiB).
+pub fn holds_prefix(volume: &Path, source: &Path) -> bool {
+    let want = std::fs::read(source).unwrap();
+    let got = std::fs::read(volume).unwrap_or_default();
+    got.len() >= want.len() && got[..want.len()] == want[..]
+}
+
 /// Polls `cond` every 20 ms until it holds or `limit` passes.
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

@@ -18,17 +18,6 @@ fn rp(id: &str, source: &str, marker: u64, ms: u64, volumes: &[(&str, &str)]) ->
     }
 }
 
-async fn all_snapshots(env: &MotoEnv) -> Vec<aws_sdk_ec2::types::Snapshot> {
-    env.ec2
-        .describe_snapshots()
-        .owner_ids("self")
-        .send()
-        .await
-        .unwrap()
-        .snapshots()
-        .to_vec()
-}
-
 #[tokio::test]
 async fn restore_points_are_created_listed_and_deleted() {
     let env = MotoEnv::start().await;
@@ -68,7 +57,7 @@ async fn restore_points_are_created_listed_and_deleted() {
     // snapshotted src-2's volume, and the disk ids were not copied. The backend deletes a
     // snapshot of a volume it did not ask for and tags the disk id itself, so what is left is
     // what AWS itself would have made.
-    let snaps = all_snapshots(&env).await;
+    let snaps = env.snapshots().await;
     assert_eq!(
         snaps.len(),
         2,
@@ -143,7 +132,7 @@ async fn restore_points_are_created_listed_and_deleted() {
         list.iter().map(|r| r.rp_id.as_str()).collect::<Vec<_>>(),
         ["rp-2"]
     );
-    assert_eq!(all_snapshots(&env).await.len(), 3);
+    assert_eq!(env.snapshots().await.len(), 3);
     b.delete("no-such-rp").await.unwrap();
 }
 

@@ -84,6 +84,9 @@ async fn ensure_creates_a_tagged_encrypted_volume_and_finds_it_again() {
     assert_eq!(v.iops(), None, "gp3 settings apply to gp3 only");
     assert_eq!(attached_to(&v), [(me.clone(), "/dev/sdg".to_string())]);
     assert_eq!(env.data_volumes().await.len(), 2);
+    // Both are found by their source tag, as the fleet and the e2e tests find them.
+    assert_eq!(env.replicas_of("src-1").await.len(), 2);
+    assert!(env.replicas_of("src-2").await.is_empty());
 
     // A disk that grew beyond its volume is refused, not silently cut.
     let err = b

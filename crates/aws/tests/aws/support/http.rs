@@ -132,6 +132,16 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
+/// Sends `req` to `127.0.0.1:port` (with `Connection: close`) and returns the raw response,
+/// for proxies; `None` if the upstream could not be reached or hung up.
+pub async fn forward(port: u16, req: &Request) -> Option<Vec<u8>> {
+    let mut up = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    up.write_all(&req.to_bytes_closing()).await.ok()?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp).await.ok()?;
+    Some(resp)
+}
+
 /// A one-shot request to `127.0.0.1:port`; returns (status, body).
 pub async fn call(port: u16, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;

@@ -145,6 +145,32 @@ impl MotoEnv {
             .cloned()
             .collect()
     }
+
+    /// The data volumes tagged as `source`'s replicas.
+    pub async fn replicas_of(&self, source: &str) -> Vec<Volume> {
+        self.data_volumes()
+            .await
+            .into_iter()
+            .filter(|v| {
+                tag_map(v.tags())
+                    .get(slipway_aws::tags::SOURCE_ID)
+                    .map(String::as_str)
+                    == Some(source)
+            })
+            .collect()
+    }
+
+    /// Every snapshot this account owns.
+    pub async fn snapshots(&self) -> Vec<aws_sdk_ec2::types::Snapshot> {
+        self.ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .send()
+            .await
+            .unwrap()
+            .snapshots()
+            .to_vec()
+    }
 }
 
 pub fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {

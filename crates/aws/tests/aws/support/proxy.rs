@@ -4,11 +4,11 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::http::{read_request, write_response};
+use super::http::{forward, read_request, write_response};
 
 /// EC2's query-API throttling answer.
 const THROTTLED: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>";
@@ -76,16 +76,9 @@ impl ThrottleProxy {
                         return;
                     }
                     c.forwarded.fetch_add(1, Ordering::SeqCst);
-                    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
+                    let Some(resp) = forward(upstream_port, &req).await else {
                         return;
                     };
-                    if up.write_all(&req.to_bytes_closing()).await.is_err() {
-                        return;
-                    }
-                    let mut resp = Vec::new();
-                    if up.read_to_end(&mut resp).await.is_err() {
-                        return;
-                    }
                     let _ = w.write_all(&resp).await;
                     let _ = w.shutdown().await;
                 });
