@@ -104,6 +104,62 @@ fn prometheus_config_and_rules_pass_promtool() {
     );
 }
 
+/// The alert rules evaluated by `promtool test rules` on made-up series: the attachment-slot
+/// alert fires for the server one slot short of its limit only, and a stalled disk alerts
+/// after its `for`.
+#[test]
+fn alert_rules_fire_on_the_series_they_are_meant_for() {
+    let d = tempfile::tempdir().unwrap();
+    let rules = repo().join("deploy/prometheus-rules.yml");
+    let test = d.path().join("rules-test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            r#"rule_files:
+  - {rules}
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'slipway_ebs_attachment_slots{{instance="a:9500",kind="used"}}'
+        values: '26x10'
+      - series: 'slipway_ebs_attachment_slots{{instance="a:9500",kind="limit"}}'
+        values: '27x10'
+      - series: 'slipway_ebs_attachment_slots{{instance="b:9500",kind="used"}}'
+        values: '3x10'
+      - series: 'slipway_ebs_attachment_slots{{instance="b:9500",kind="limit"}}'
+        values: '27x10'
+      - series: 'slipway_disk_state{{source="web",disk="d0",state="stalled"}}'
+        values: '0 0 1x10'
+    alert_rule_test:
+      - eval_time: 10m
+        alertname: SlipwayAttachmentSlotsNearlyFull
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: "a:9500"}}
+            exp_annotations:
+              summary: "a:9500 has at most one EBS attachment slot left: the next source disk cannot be attached here (add a server or lower max_disks_per_server)"
+      - eval_time: 4m
+        alertname: SlipwayDiskStalled
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: SlipwayDiskStalled
+        exp_alerts:
+          - exp_labels: {{severity: warning, source: web, disk: d0, state: stalled}}
+            exp_annotations:
+              summary: "web/d0 is stalled (see slipway status)"
+"#,
+            rules = rules.display()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = validator(
+        "promtool",
+        &["test", "rules", test.to_str().unwrap()],
+        "apt-get install prometheus",
+    );
+    assert!(ok, "promtool test rules:\n{out}");
+}
+
 /// Metric names a text mentions (`slipway_…`).
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
