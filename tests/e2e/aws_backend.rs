@@ -15,32 +15,10 @@ use aws_support::{tag_map, MotoEnv};
 
 use crate::support::*;
 
-/// The AWS API emulator, reset, with one instance of its own; installed by
-/// `crates/aws/tests/setup-moto.sh` (idempotent) the first time. Tests using it take turns.
+/// The AWS API emulator, reset, with one instance of its own (slipway-aws's test support,
+/// which installs the emulator with `crates/aws/tests/setup-moto.sh` the first time). Tests
+/// using it take turns.
 pub(crate) fn moto_env(rt: &tokio::runtime::Runtime) -> MotoEnv {
-    // The support module finds its setup script from its own crate; point it at the emulator.
-    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let server = SERVER.get_or_init(|| {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/aws/tests/setup-moto.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .trim()
-            .to_string()
-    });
-    std::env::set_var("SLIPWAY_MOTO_SERVER", server);
     rt.block_on(MotoEnv::start())
 }
 

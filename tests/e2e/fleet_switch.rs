@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 
 use crate::aws_backend::aws_support::http::{forward, read_request};
 use crate::aws_backend::aws_support::imds::Imds;
-use crate::aws_backend::aws_support::{tag_map, REGION, ZONE};
+use crate::aws_backend::aws_support::{staging_network, tag_map, REGION, ZONE};
 use crate::aws_backend::moto_env;
 use crate::support::*;
 
@@ -227,47 +227,8 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         .build()
         .unwrap();
     let env = moto_env(&rt);
-    let (subnet, sg) = rt.block_on(async {
-        let vpc = env
-            .ec2
-            .create_vpc()
-            .cidr_block("10.0.0.0/16")
-            .send()
-            .await
-            .unwrap()
-            .vpc()
-            .unwrap()
-            .vpc_id()
-            .unwrap()
-            .to_string();
-        let subnet = env
-            .ec2
-            .create_subnet()
-            .vpc_id(&vpc)
-            .cidr_block("10.0.1.0/24")
-            .availability_zone(ZONE)
-            .send()
-            .await
-            .unwrap()
-            .subnet()
-            .unwrap()
-            .subnet_id()
-            .unwrap()
-            .to_string();
-        let sg = env
-            .ec2
-            .create_security_group()
-            .group_name("slipway-replication")
-            .description("replication servers")
-            .vpc_id(&vpc)
-            .send()
-            .await
-            .unwrap()
-            .group_id()
-            .unwrap()
-            .to_string();
-        (subnet, sg)
-    });
+    let net = rt.block_on(staging_network(&env.ec2));
+    let (subnet, sg) = (net.staging_subnet, net.security_group);
 
     let d = tempfile::tempdir().unwrap();
     let source = d.path().join("a.img");

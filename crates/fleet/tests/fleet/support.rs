@@ -1,109 +1,20 @@
-//! moto's server mode as a child process (installed by `crates/aws/tests/setup-moto.sh`, or
-//! `SLIPWAY_MOTO_SERVER`), shared by the tests of this binary and serialized between them:
-//! each test starts from `POST /moto-api/reset`. A shell watchdog stops moto once this test
-//! process is gone.
+//! The emulator environment of the fleet tests: slipway-aws's test support (moto's server mode,
+//! shared by the tests of this binary and serialized between them, each starting from a reset)
+//! with a staging network, and the fleet pointed at it.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_ec2::config::Credentials;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use slipway_fleet::{Fleet, Template};
 use tempfile::TempDir;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::MutexGuard;
 
-pub const REGION: &str = "us-east-1";
-pub const ZONE: &str = "us-east-1a";
+#[path = "../../../aws/tests/aws/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod aws_support;
 
-static MOTO: OnceLock<Result<u16, String>> = OnceLock::new();
-static SERIAL: Mutex<()> = Mutex::const_new(());
-
-fn call(port: u16, method: &str, path: &str) -> std::io::Result<u16> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no status line"))
-}
-
-fn moto_server_path() -> Result<String, String> {
-    if let Ok(p) = std::env::var("SLIPWAY_MOTO_SERVER") {
-        if !p.is_empty() {
-            return Ok(p);
-        }
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../aws/tests/setup-moto.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} failed ({})", script.display(), out.status));
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .ok_or_else(|| format!("{} printed no path", script.display()))
-}
-
-fn start() -> Result<u16, String> {
-    let server = moto_server_path()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log: PathBuf = std::env::temp_dir().join(format!(
-        "slipway-fleet-moto-{}-{port}.log",
-        std::process::id()
-    ));
-    let watchdog = r#"
-        MOTO_EC2_LOAD_DEFAULT_AMIS=false "$0" -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
-        moto=$!
-        while kill -0 "$3" 2>/dev/null && kill -0 "$moto" 2>/dev/null; do sleep 0.5; done
-        kill "$moto" 2>/dev/null
-    "#;
-    Command::new("bash")
-        .arg("-c")
-        .arg(watchdog)
-        .arg(&server)
-        .arg(port.to_string())
-        .arg(&log)
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting {server}: {e}"))?;
-    let started = Instant::now();
-    loop {
-        if let Ok(200) = call(port, "POST", "/moto-api/reset") {
-            return Ok(port);
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!(
-                "moto_server did not answer on port {port} within 60 s:\n{tail}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+pub use aws_support::{REGION, ZONE};
 
 /// A reset emulator with a VPC, a staging subnet, a target subnet and security groups.
 pub struct Env {
@@ -120,72 +31,14 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Env {
-        let guard = SERIAL.lock().await;
-        let port = match tokio::task::spawn_blocking(|| MOTO.get_or_init(start).clone())
-            .await
-            .unwrap()
-        {
-            Ok(p) => p,
-            Err(e) => panic!("AWS emulator unavailable: {e}"),
-        };
-        let status = tokio::task::spawn_blocking(move || call(port, "POST", "/moto-api/reset"))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(status, 200, "moto reset");
-        let sdk: SdkConfig = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(slipway_aws::https_client())
-            .region(Region::new(REGION))
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
-            .endpoint_url(format!("http://127.0.0.1:{port}"))
-            .load()
-            .await;
+        let (guard, moto) = aws_support::moto::exclusive().await;
+        let sdk = aws_support::test_sdk(&moto.endpoint()).await;
         let ec2 = aws_sdk_ec2::Client::new(&sdk);
         let mut fleet = Fleet::new(&sdk);
         fleet.poll_interval = Duration::from_millis(10);
         fleet.wait_timeout = Duration::from_secs(20);
-        let vpc = ec2
-            .create_vpc()
-            .cidr_block("10.0.0.0/16")
-            .send()
-            .await
-            .unwrap()
-            .vpc()
-            .unwrap()
-            .vpc_id()
-            .unwrap()
-            .to_string();
-        let subnet = |cidr: &'static str| {
-            let ec2 = ec2.clone();
-            let vpc = vpc.clone();
-            async move {
-                ec2.create_subnet()
-                    .vpc_id(vpc)
-                    .cidr_block(cidr)
-                    .availability_zone(ZONE)
-                    .send()
-                    .await
-                    .unwrap()
-                    .subnet()
-                    .unwrap()
-                    .subnet_id()
-                    .unwrap()
-                    .to_string()
-            }
-        };
-        let staging = subnet("10.0.1.0/24").await;
-        let target = subnet("10.0.2.0/24").await;
-        let sg = ec2
-            .create_security_group()
-            .group_name("slipway-replication")
-            .description("replication servers")
-            .vpc_id(&vpc)
-            .send()
-            .await
-            .unwrap()
-            .group_id()
-            .unwrap()
-            .to_string();
+        let net = aws_support::staging_network(&ec2).await;
+        let (staging, target, sg) = (net.staging_subnet, net.target_subnet, net.security_group);
         Env {
             _guard: guard,
             ec2,
@@ -371,13 +224,5 @@ pub fn spec(resource: ResourceType, tags: &[(&str, &str)]) -> TagSpecification {
 }
 
 pub fn tags_of(i: &aws_sdk_ec2::types::Instance) -> BTreeMap<String, String> {
-    i.tags()
-        .iter()
-        .map(|t| {
-            (
-                t.key().unwrap_or_default().to_string(),
-                t.value().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
+    aws_support::tag_map(i.tags())
 }

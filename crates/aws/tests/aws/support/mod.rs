@@ -173,6 +173,68 @@ impl MotoEnv {
     }
 }
 
+/// A VPC with a staging subnet (replication servers), a target subnet (launched instances),
+/// both in [`ZONE`], and a security group: what a replication template names. (Used by the
+/// fleet and workspace e2e tests, which include this module.)
+#[allow(dead_code)]
+pub struct StagingNetwork {
+    pub vpc: String,
+    pub staging_subnet: String,
+    pub target_subnet: String,
+    pub security_group: String,
+}
+
+#[allow(dead_code)]
+pub async fn staging_network(ec2: &aws_sdk_ec2::Client) -> StagingNetwork {
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .unwrap()
+        .vpc()
+        .unwrap()
+        .vpc_id()
+        .unwrap()
+        .to_string();
+    let subnet = |cidr: &'static str| {
+        let (ec2, vpc) = (ec2.clone(), vpc.clone());
+        async move {
+            ec2.create_subnet()
+                .vpc_id(vpc)
+                .cidr_block(cidr)
+                .availability_zone(ZONE)
+                .send()
+                .await
+                .unwrap()
+                .subnet()
+                .unwrap()
+                .subnet_id()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let staging_subnet = subnet("10.0.1.0/24").await;
+    let target_subnet = subnet("10.0.2.0/24").await;
+    let security_group = ec2
+        .create_security_group()
+        .group_name("slipway-replication")
+        .description("replication servers")
+        .vpc_id(&vpc)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    StagingNetwork {
+        vpc,
+        staging_subnet,
+        target_subnet,
+        security_group,
+    }
+}
+
 pub fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
     tags.iter()
         .map(|t| {

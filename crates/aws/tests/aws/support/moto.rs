@@ -1,11 +1,13 @@
 //! moto's server mode as a child process, shared by the tests of this binary and serialized
 //! between them (each test starts from `POST /moto-api/reset`).
 //!
-//! The emulator comes from `tests/setup-moto.sh` (a virtualenv with moto from PyPI), or from
-//! `SLIPWAY_MOTO_SERVER` if that names a `moto_server` executable. A small shell watchdog
+//! The emulator comes from `crates/aws/tests/setup-moto.sh` (a virtualenv with moto from PyPI),
+//! or from `SLIPWAY_MOTO_SERVER` if that names a `moto_server` executable. The support module is
+//! shared by the test binaries of slipway-aws, slipway-fleet and the workspace's e2e tests, so
+//! the script is looked up from whichever crate compiles it. A small shell watchdog
 //! kills it once this test process is gone, since a test binary has no "after all" hook.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -35,7 +37,12 @@ fn moto_server_path() -> Result<String, String> {
             return Ok(p);
         }
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/setup-moto.sh");
+    let rel = "crates/aws/tests/setup-moto.sh";
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join(rel))
+        .find(|p| p.exists())
+        .ok_or_else(|| format!("no {rel} above {}", env!("CARGO_MANIFEST_DIR")))?;
     let out = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
