@@ -249,14 +249,22 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::RestorePoints { cmd } => restore_points(cmd),
-        Cmd::Template { cmd } => block_on(template(cmd)),
+        Cmd::Template { cmd } => {
+            // apply and launch wait through EC2 state changes for minutes: their log lines
+            // (stderr) are the progress; the report goes to stdout.
+            init_logging(LogFormat::Text);
+            block_on(template(cmd))
+        }
         Cmd::Launch {
             list,
             template,
             source,
             mode,
             restore_point,
-        } => block_on(launch(list, template, source, mode, restore_point)),
+        } => {
+            init_logging(LogFormat::Text);
+            block_on(launch(list, template, source, mode, restore_point))
+        }
         Cmd::Token {
             cmd: TokenCmd::Issue { dir, source_id },
         } => {

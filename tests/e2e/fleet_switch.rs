@@ -1,6 +1,8 @@
 //! The instance-type switch end to end: `slipway template apply` changes the replication
 //! server's type (stop, modify, start) while the real agent replicates into it, and the
-//! replica ends byte-identical to the source.
+//! replica ends byte-identical to the source. Then an AMI change replaces the server (a new
+//! instance and root disk, the volume moved to it), and after a resync the replica is again
+//! identical.
 //!
 //! The emulator only flips EC2 states; what a real instance does when they flip is played by
 //! a small "host" in front of it, used by the `slipway template apply` process:
@@ -10,7 +12,10 @@
 //! - on StartInstances it forwards the call, then boots the instance: the IMDSv2 stand-in
 //!   answers with the instance's type and user data as the emulator now has them, the AMI's
 //!   own `slipway-userdata` script writes the settings file from the user data, and
-//!   `slipway serve` starts on it with the same data dir (the root disk survives a stop).
+//!   `slipway serve` starts on it with the same data dir (the root disk survives a stop);
+//! - on TerminateInstances it shuts the server down if it still runs. A replacement instance
+//!   boots once `apply` has attached the volumes to it, with a data dir of its own (a new
+//!   root disk).
 //!
 //! The server itself talks to the emulator directly; its volumes are files
 //! (`SLIPWAY_AWS_DEVICE_MAP_DIR`), as in `aws_backend.rs`.
@@ -52,8 +57,11 @@ struct Host {
 }
 
 impl Host {
+    /// The data dir on the instance's root disk: one per instance.
     fn data_dir(&self) -> PathBuf {
-        self.dir.join("var")
+        self.dir
+            .join(format!("root-{}", self.instance.lock().unwrap()))
+            .join("var")
     }
 
     fn devices(&self) -> PathBuf {
@@ -144,10 +152,13 @@ impl Host {
     }
 
     /// Shutdown: SIGTERM, the server drains and exits; then what the agent was told is
-    /// durable must be on the volume.
+    /// durable must be on the volume. Nothing to do if it is down already.
     fn shut_down(&self) {
         let mut slot = self.server.lock().unwrap();
-        let s = slot.as_mut().expect("a server runs on the instance");
+        let s = slot.as_mut().expect("a server ran on the instance");
+        if s.child.try_wait().unwrap().is_some() {
+            return;
+        }
         let status = s.terminate(Duration::from_secs(60));
         let check = if !status.success() {
             Err(format!(
@@ -287,13 +298,13 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     let proxy = rt.block_on(host_proxy(host.clone(), port));
 
     let template = d.path().join("wave.toml");
-    let write_template = |instance_type: &str| {
+    let write_template = |instance_type: &str, ami: &str| {
         std::fs::write(
             &template,
             format!(
                 "name = \"wave\"\nregion = \"{REGION}\"\nstaging_subnet = \"{subnet}\"\n\
                  security_groups = [\"{sg}\"]\ninstance_type = \"{instance_type}\"\n\
-                 ami = \"ami-12345678\"\n[[sources]]\nid = \"web\"\ndisks = 1\n"
+                 ami = \"{ami}\"\n[[sources]]\nid = \"web\"\ndisks = 1\n"
             ),
         )
         .unwrap();
@@ -303,6 +314,10 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         cmd.args(["template", "apply"]).arg(&template);
         cmd.envs(common.iter().copied())
             .env("AWS_ENDPOINT_URL", &proxy)
+            // moto answers a RunInstances for the private IP of an instance it has just
+            // terminated with a 500 (EC2: InvalidIPAddress.InUse, then free) that the SDK
+            // would retry with backoff for ~30 s; the fleet falls back to a new address.
+            .env("AWS_MAX_ATTEMPTS", "1")
             .env("RUST_LOG", "info");
         let out = cmd.output().unwrap();
         let text = format!(
@@ -315,7 +330,7 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     };
 
     // Launch: one m5.large; the host boots it.
-    write_template("m5.large");
+    write_template("m5.large", "ami-12345678");
     let first = apply();
     let server_id = rt.block_on(async {
         let r = env.ec2.describe_instances().send().await.unwrap();
@@ -343,7 +358,7 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         let s = slot.as_ref().unwrap();
         (s.token("web"), s.listen)
     };
-    let mut agent = {
+    let agent = {
         let slot = host.server.lock().unwrap();
         Agent::start(
             slot.as_ref().unwrap(),
@@ -403,7 +418,7 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     f.sync_all().unwrap();
 
     // The switch: m5.large → m5.xlarge, in place.
-    write_template("m5.xlarge");
+    write_template("m5.xlarge", "ami-12345678");
     let switched = apply();
     assert_eq!(host.stops.load(Ordering::SeqCst), 1, "{switched}");
     assert_eq!(host.boots.load(Ordering::SeqCst), 2, "{switched}");
@@ -465,6 +480,95 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     let again = apply();
     assert!(again.contains("no changes"), "{again}");
     assert_eq!(host.stops.load(Ordering::SeqCst), 1);
-    let _ = agent.child.kill();
+
+    // An upgrade: a new AMI replaces the server. The old one drains (checked like the
+    // switch), its volume moves to a new instance, which boots with a new root disk: a new
+    // TLS identity and token secret, and no disk metadata.
+    write_template("m5.xlarge", "ami-87654321");
+    let replaced = apply();
+    assert_eq!(host.stops.load(Ordering::SeqCst), 2, "{replaced}");
+    match &host.stop_checks.lock().unwrap()[..] {
+        [Ok(_), Ok(n)] => assert!(*n > 0),
+        other => panic!("at the stops: {other:?}"),
+    }
+    let new_id = rt.block_on(async {
+        let r = env.ec2.describe_instances().send().await.unwrap();
+        let mut live = Vec::new();
+        for i in r.reservations().iter().flat_map(|r| r.instances()) {
+            let state = i.state().unwrap().name().unwrap().as_str().to_string();
+            let id = i.instance_id().unwrap().to_string();
+            if id == server_id {
+                assert_eq!(state, "terminated", "{replaced}");
+            } else if tag_map(i.tags())
+                .get("slipway:template")
+                .map(String::as_str)
+                == Some("wave")
+                && state == "running"
+            {
+                assert_eq!(i.image_id(), Some("ami-87654321"));
+                live.push(id);
+            }
+        }
+        assert_eq!(live.len(), 1, "{replaced}");
+        live.remove(0)
+    });
+    let old_fingerprint = host
+        .server
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .fingerprint
+        .clone();
+    *host.instance.lock().unwrap() = new_id.clone();
+    rt.block_on(host.boot());
+    drop(agent);
+    let (token, fingerprint) = {
+        let slot = host.server.lock().unwrap();
+        let s = slot.as_ref().unwrap();
+        (s.token("web"), s.fingerprint.clone())
+    };
+    assert_ne!(
+        fingerprint, old_fingerprint,
+        "a new root disk, a new identity"
+    );
+    // The source changed while no agent ran.
+    f.write_all_at(&vec![0x3c; 1 << 20], 22 << 20).unwrap();
+    f.sync_all().unwrap();
+    let agent = {
+        let slot = host.server.lock().unwrap();
+        Agent::start(slot.as_ref().unwrap(), "web", &token, &[&source], &[])
+    };
+    let logs = || {
+        format!(
+            "server log:\n{}\nagent log:\n{}",
+            host.log(),
+            agent.log_text()
+        )
+    };
+    wait_until_or(
+        "the replica to be identical on the replacement server",
+        Duration::from_secs(120),
+        || {
+            host.volume_file()
+                .is_some_and(|v| holds_prefix(&v, &source))
+        },
+        logs,
+    );
+    rt.block_on(async {
+        let replicas = env.replicas_of("web").await;
+        assert_eq!(replicas.len(), 1, "{replicas:?}");
+        assert_eq!(
+            replicas[0].attachments()[0].instance_id(),
+            Some(new_id.as_str())
+        );
+    });
+    let log = host.log();
+    assert!(log.contains("adopted volume"), "{log}");
+    // Without metadata the server cannot prove where the volume stands: a resync (which
+    // also rewrites zero ranges), never a fresh sync that would skip them.
+    let alog = agent.log_text();
+    assert!(alog.contains("resume=Resync"), "{alog}");
+    drop(agent);
     let _ = host.server.lock().unwrap().take();
 }

@@ -37,9 +37,12 @@ pub fn https_client() -> SharedHttpClient {
 /// chain, standard retries with 8 attempts. `AWS_ENDPOINT_URL` and the other `AWS_*`
 /// variables are honoured by the SDK itself.
 pub async fn sdk_config(region: Option<String>) -> SdkConfig {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(https_client())
-        .retry_config(RetryConfig::standard().with_max_attempts(8));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(https_client());
+    // 8 attempts by default (busy accounts throttle); the SDKs' own AWS_MAX_ATTEMPTS (and
+    // AWS_RETRY_MODE) override it, as operators expect of any AWS tool.
+    if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
+        loader = loader.retry_config(RetryConfig::standard().with_max_attempts(8));
+    }
     if let Some(r) = region {
         loader = loader.region(Region::new(r));
     }
