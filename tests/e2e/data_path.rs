@@ -172,6 +172,161 @@ fn a_second_agent_run_resyncs_over_the_existing_volume() {
     assert_same(&src, &server.volume("again", "disk.img"), 32 << 20);
 }
 
+/// `--state-file`: a cleanly stopped agent (SIGTERM, everything acknowledged) saves its run;
+/// the next agent resumes it (the server answers Resume) and sends only what changed while no
+/// agent ran, including a range zeroed meanwhile. The file is used once: after a `kill -9` of
+/// that agent there is nothing to resume, and the next run resyncs. Every replica ends
+/// byte-identical.
+#[test]
+fn a_cleanly_restarted_agent_resumes_and_sends_only_what_changed() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::start(&d.path().join("var"));
+    let src = d.path().join("disk.img");
+    let size: u64 = 48 << 20;
+    make_disk(&src, size, 23);
+    let token = server.token("web");
+    let state = d.path().join("agent.state");
+    let state_s = state.to_str().unwrap();
+    let args = [
+        "--follow",
+        "--rescan-interval",
+        "1s",
+        "--state-file",
+        state_s,
+    ];
+    let vol = server.volume("web", "disk.img");
+    let received = || {
+        metric(
+            &server.http_get("/metrics").1,
+            "slipway_disk_received_bytes_total{disk=\"disk.img\",source=\"web\"}",
+        )
+    };
+    let identical =
+        || server.disk_state("web", "disk.img") == "continuous" && holds_prefix(&vol, &src);
+
+    let mut a = Agent::start(&server, "web", &token, &[&src], &args);
+    wait_until_or(
+        "the first sync",
+        Duration::from_secs(120),
+        identical,
+        || a.log_text(),
+    );
+    let first = received();
+    sh("kill", &["-TERM", &a.child.id().to_string()]);
+    assert!(
+        a.wait(Duration::from_secs(30)).success(),
+        "{}",
+        a.log_text()
+    );
+    assert!(a.log_text().contains("saved the run"), "{}", a.log_text());
+    assert!(state.exists());
+
+    // Changed while no agent runs: 2 MiB of new data and 1 MiB zeroed.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&vec![0x5au8; 2 << 20], 10 << 20).unwrap();
+    f.write_all_at(&vec![0u8; 1 << 20], 30 << 20).unwrap();
+    f.sync_all().unwrap();
+
+    let mut b = Agent::start(&server, "web", &token, &[&src], &args);
+    wait_until_or(
+        "the resumed run to send the changes",
+        Duration::from_secs(60),
+        identical,
+        || format!("{}\n{}", b.log_text(), server.log()),
+    );
+    let blog = b.log_text();
+    assert!(blog.contains("resuming the run saved"), "{blog}");
+    assert!(
+        !blog.contains("pass starts from offset 0"),
+        "no full pass:\n{blog}"
+    );
+    assert!(!state.exists(), "the saved run is used once");
+    let resent = received() - first;
+    assert!(
+        resent <= (4 << 20) as f64,
+        "only the changed chunks are sent: {resent} bytes of a {first}-byte first sync"
+    );
+    assert!(first >= (size / 2) as f64, "{first}");
+
+    // A crash saves nothing: the next run resyncs, and the replica still ends identical.
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    assert!(!state.exists());
+    f.write_all_at(&vec![0x33u8; 1 << 20], 40 << 20).unwrap();
+    f.sync_all().unwrap();
+    let c = Agent::start(&server, "web", &token, &[&src], &args);
+    wait_until_or("the resync", Duration::from_secs(120), identical, || {
+        c.log_text()
+    });
+    assert!(c.log_text().contains("resume=Resync"), "{}", c.log_text());
+}
+
+/// Clean stops in the middle of a changing workload: each SIGTERM lands while the source is
+/// being written and a rescan may be half done. Whatever each stop saved, the chunk table must
+/// describe what the volume holds, or a later resumed run would skip a changed chunk: at the end
+/// the replica equals the source.
+#[test]
+fn clean_stops_during_writes_resume_without_losing_a_change() {
+    use rand::{Rng, SeedableRng};
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::start(&d.path().join("var"));
+    let src = d.path().join("busy.img");
+    let size: u64 = 16 << 20;
+    make_disk(&src, size, 29);
+    let token = server.token("busy");
+    let state = d.path().join("busy.state");
+    let args = [
+        "--follow",
+        "--rescan-interval",
+        "200ms",
+        "--chunk-size",
+        "64KiB",
+        "--state-file",
+        state.to_str().unwrap(),
+    ];
+    let vol = server.volume("busy", "busy.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    let (mut saved, mut resumed) = (0, 0);
+    for round in 0..5 {
+        let mut a = Agent::start(&server, "busy", &token, &[&src], &args);
+        // Write for about a second, stop the agent while still writing, write some more.
+        let deadline = std::time::Instant::now() + Duration::from_millis(1200);
+        let mut n = 0;
+        while std::time::Instant::now() < deadline || n < 50 {
+            let len = rng.gen_range(1..=16) * 4096;
+            let off = rng.gen_range(0..(size - len) / 4096) * 4096;
+            let fill = if rng.gen_ratio(1, 8) { 0 } else { rng.gen() };
+            f.write_all_at(&vec![fill; len as usize], off).unwrap();
+            n += 1;
+            if n == 150 {
+                sh("kill", &["-TERM", &a.child.id().to_string()]);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            a.wait(Duration::from_secs(30)).success(),
+            "{}",
+            a.log_text()
+        );
+        let log = a.log_text();
+        saved += log.contains("saved the run") as u32;
+        resumed += (round > 0 && log.contains("resuming the run saved")) as u32;
+    }
+    f.sync_all().unwrap();
+    let last = Agent::start(&server, "busy", &token, &[&src], &args);
+    wait_until_or(
+        "the replica to equal the source",
+        Duration::from_secs(120),
+        || server.disk_state("busy", "busy.img") == "continuous" && holds_prefix(&vol, &src),
+        || last.log_text(),
+    );
+    eprintln!("clean stops: {saved} of 5 saved the run, {resumed} runs resumed one");
+    assert!(resumed >= 1, "the test must exercise resumed runs");
+}
+
 /// Under systemd (Type=notify) the server reports readiness on NOTIFY_SOCKET.
 #[test]
 fn tells_systemd_when_ready() {

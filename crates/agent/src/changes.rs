@@ -56,6 +56,22 @@ impl ChunkHashes {
     pub fn is_empty(&self) -> bool {
         self.hashes.is_empty()
     }
+
+    /// Every chunk's hash, if every chunk has one (a full pass recorded them all).
+    pub fn complete(&self) -> Option<Vec<u64>> {
+        self.hashes.iter().copied().collect()
+    }
+
+    /// A table for a disk of `size` bytes in chunks of `chunk` bytes, from [`Self::complete`];
+    /// `None` if the count does not fit that disk.
+    pub fn from_complete(size: u64, chunk: u32, hashes: Vec<u64>) -> Option<Self> {
+        let mut t = Self::new(size, chunk);
+        if hashes.len() != t.hashes.len() {
+            return None;
+        }
+        t.hashes = hashes.into_iter().map(Some).collect();
+        Some(t)
+    }
 }
 
 #[cfg(test)]

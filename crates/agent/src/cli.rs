@@ -98,6 +98,11 @@ struct ReplicateArgs {
     /// Cubic collapses (docs/benchmarks.md, scenario 2).
     #[arg(long, value_name = "ALGO", default_value = "bbr", value_parser = parse_congestion)]
     congestion: Congestion,
+    /// With --follow: on a clean stop (SIGTERM/SIGINT, everything acknowledged) save the run
+    /// here, and on start resume a run saved here instead of resyncing every disk: only what
+    /// changed while no agent ran is sent. Used once; a crash leaves nothing to resume.
+    #[arg(long, value_name = "FILE")]
+    state_file: Option<PathBuf>,
     /// Append "<disk_id> <seq> <offset> <len>" for every acknowledged write (for tests).
     #[arg(long, value_name = "FILE", hide = true)]
     ack_journal: Option<PathBuf>,
@@ -163,6 +168,7 @@ fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         max_udp_payload: args.max_udp_payload,
         congestion: Some(args.congestion),
         ack_journal: args.ack_journal,
+        state_file: args.state_file,
     };
     let cfg = Config::from_raw(raw, |p| p.exists()).map_err(AgentError::from)?;
     let follow = cfg.follow;

@@ -220,6 +220,7 @@ pub struct RawArgs {
     pub max_udp_payload: u16,
     pub congestion: Option<Congestion>,
     pub ack_journal: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
 }
 
 /// Checked settings of a `replicate` run.
@@ -243,6 +244,9 @@ pub struct Config {
     pub max_udp_payload: u16,
     pub congestion: Congestion,
     pub ack_journal: Option<PathBuf>,
+    /// Where a cleanly stopped follow-mode run saves what the next run needs to resume
+    /// instead of resyncing (see `persist`).
+    pub state_file: Option<PathBuf>,
 }
 
 /// Smallest and largest accepted `--block-size`.
@@ -332,6 +336,12 @@ impl Config {
             disks.push(d);
         }
 
+        if raw.state_file.is_some() && !raw.follow {
+            return Err(ConfigError::OutOfRange {
+                flag: "state-file",
+                reason: "needs --follow (the saved state is follow mode's change table)".into(),
+            });
+        }
         Ok(Config {
             server,
             server_name,
@@ -348,6 +358,7 @@ impl Config {
             max_udp_payload: raw.max_udp_payload,
             congestion: raw.congestion.unwrap_or(Congestion::Bbr),
             ack_journal: raw.ack_journal,
+            state_file: raw.state_file,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod disk;
 pub mod journal;
+pub mod persist;
 pub mod plan;
 mod report;
 pub mod retained;

@@ -24,6 +24,7 @@ use crate::changes::ChunkHashes;
 use crate::config::{Config, ConfigError};
 use crate::disk::{DiskError, SourceDisk};
 use crate::journal::{AckJournal, JournalError};
+use crate::persist;
 use crate::plan::{PlannedOp, Planner};
 use crate::report::{self, ProgressMode};
 use crate::session::{self, Link, SessionError};
@@ -130,6 +131,11 @@ pub(crate) struct Shared {
     stop: AtomicBool,
     stop_notify: Notify,
     pub journal: Option<Mutex<AckJournal>>,
+    /// Per disk, follow mode's chunk hash table (`None` without --follow, or while a pass
+    /// has it).
+    pub hashes: Vec<Mutex<Option<ChunkHashes>>>,
+    /// The run was restored from a clean stop: rescan at once for changes made meanwhile.
+    pub restored: bool,
 }
 
 impl Shared {
@@ -213,8 +219,32 @@ pub async fn replicate_until(
     }
 
     let n = disks.len();
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+    let saved = persist::load(&cfg, &sizes);
+    let agent_run = saved.as_ref().map_or_else(rand::random, |s| s.agent_run);
+    let source = match &saved {
+        Some(s) => Source::restored(
+            s.disks
+                .iter()
+                .map(|d| (d.id.clone(), d.size, d.acked, d.complete_seq)),
+            s.next_seq,
+        ),
+        None => Source::new(disks.iter().map(|d| (d.id.clone(), d.size))),
+    };
+    let hashes = (0..n)
+        .map(|i| {
+            Mutex::new(cfg.follow.then(|| {
+                saved
+                    .as_ref()
+                    .and_then(|s| s.disks[i].table(cfg.chunk_size))
+                    .unwrap_or_else(|| ChunkHashes::new(sizes[i], cfg.chunk_size))
+            }))
+        })
+        .collect();
     let shared = Arc::new(Shared {
-        source: Mutex::new(Source::new(disks.iter().map(|d| (d.id.clone(), d.size)))),
+        source: Mutex::new(source),
+        hashes,
+        restored: saved.is_some(),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),
@@ -239,7 +269,7 @@ pub async fn replicate_until(
         producers.spawn(producer(shared.clone(), disk, rx));
     }
     let markers = tokio::spawn(marker_loop(shared.clone(), marker_rx, rescan_txs));
-    let link = Link::new(shared.clone(), client_cfg, marker_tx);
+    let link = Link::new(shared.clone(), client_cfg, marker_tx, agent_run);
     let mut conn = tokio::spawn(connection_manager(link, shutdown_rx.clone()));
     let reporter = tokio::spawn(report::run(shared.clone(), progress, shutdown_rx));
 
@@ -257,10 +287,24 @@ pub async fn replicate_until(
         conn.abort();
     }
     markers.abort();
+    // Readers stop at the next chunk: let them hand their hash tables back.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while producers.join_next().await.is_some() {}
+    })
+    .await;
     producers.abort_all();
     let _ = reporter.await;
 
     let outcome = result?;
+    if let (
+        Outcome::Stopped {
+            all_acked: true, ..
+        },
+        Some(path),
+    ) = (&outcome, shared.cfg.state_file.as_deref())
+    {
+        save_run(&shared, agent_run, path);
+    }
     let follow = shared.cfg.follow;
     let s = shared.lock();
     let end = started.elapsed().as_secs_f64();
@@ -281,6 +325,39 @@ pub async fn replicate_until(
         })
         .collect();
     Ok(RunSummary { outcome, disks })
+}
+
+/// Saves what the next run needs to resume, if every disk is between passes with nothing
+/// unacknowledged and a whole hash table (see `persist`); says why not otherwise.
+fn save_run(shared: &Shared, agent_run: u64, path: &std::path::Path) {
+    let s = shared.lock();
+    let mut disks = Vec::with_capacity(s.disk_count());
+    for (d, src) in shared.disks.iter().enumerate() {
+        let table = shared.hashes[d]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(ChunkHashes::complete);
+        let (Some(table), true) = (table, s.disk_done(d)) else {
+            warn!(disk = %src.id, "not saving the run: this disk is not between two complete passes; the next run resyncs every disk");
+            return;
+        };
+        let (acked, complete_seq) = s.positions(d);
+        disks.push(persist::SavedDisk {
+            id: src.id.clone(),
+            path: src.path.clone(),
+            size: src.size,
+            acked,
+            complete_seq,
+            hashes: persist::encode_table(&table),
+        });
+    }
+    let run = persist::SavedRun::new(&shared.cfg, agent_run, s.next_seq(), disks);
+    drop(s);
+    match persist::save(path, &run) {
+        Ok(()) => info!(path = %path.display(), "saved the run: the next start resumes it"),
+        Err(e) => warn!(path = %path.display(), "not saving the run: {e}"),
+    }
 }
 
 /// Waits for the run to end: done, stopped by a signal, or failed.
@@ -485,10 +562,8 @@ async fn producer(
 ) -> Result<(), AgentError> {
     let cfg = &shared.cfg;
     let id = shared.disks[disk].id.clone();
-    let mut hashes = cfg
-        .follow
-        .then(|| ChunkHashes::new(shared.disks[disk].size, cfg.chunk_size));
-    let mut next_rescan: Option<tokio::time::Instant> = None;
+    let mut next_rescan: Option<tokio::time::Instant> =
+        shared.restored.then(tokio::time::Instant::now);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut rescans_open = true;
     loop {
@@ -540,7 +615,10 @@ async fn producer(
             info!(disk = %id, pass = kind.as_str(), "full pass starting");
         }
         let sh = shared.clone();
-        let h = hashes.take();
+        let h = shared.hashes[disk]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let rt = tokio::runtime::Handle::current();
         let mut task = tokio::task::spawn_blocking(move || run_pass(&sh, &rt, disk, kind, gen, h));
         let (end, h) = loop {
@@ -555,7 +633,9 @@ async fn producer(
                 },
             }
         };
-        hashes = h;
+        *shared.hashes[disk]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = h;
         for w in job_waiters {
             let _ = w.send(());
         }

@@ -134,14 +134,16 @@ impl Link {
         shared: Arc<Shared>,
         client_cfg: quinn::ClientConfig,
         markers: mpsc::Sender<u64>,
+        agent_run: u64,
     ) -> Self {
         let cfg = &shared.cfg;
         let hello = Hello {
             version_min: 0,
             version_max: 0,
             features: if cfg.compress { features::LZ4 } else { 0 },
-            // Random per process: the server resumes only within one run.
-            agent_run: rand::random(),
+            // Random per run: the server resumes only within one run (a run saved at a clean
+            // stop goes on in the next process, see `persist`).
+            agent_run,
             source_id: cfg.source_id.clone(),
             credential: cfg.token.clone(),
             agent_version: format!("slipway-agent {}", env!("CARGO_PKG_VERSION")),

@@ -197,6 +197,45 @@ impl Source {
         }
     }
 
+    /// The state a cleanly stopped run saved (see `persist`): per disk (id, size, acked,
+    /// complete_seq), everything acknowledged and a pass complete, sequence numbers going on
+    /// from `next_seq`.
+    pub fn restored(
+        disks: impl IntoIterator<Item = (String, u64, u64, u64)>,
+        next_seq: u64,
+    ) -> Self {
+        let mut s = Source::new(std::iter::empty());
+        s.next_seq = next_seq.max(1);
+        for (id, size, acked, complete_seq) in disks {
+            s.disks.push(DiskState {
+                id,
+                size,
+                retained: Retained::new(),
+                acked,
+                binding: None,
+                sent: acked,
+                gen: 0,
+                pass: Some(Pass {
+                    kind: PassKind::Follow,
+                    scanning: false,
+                    scanned: size,
+                    last_seq: 0,
+                }),
+                requested: None,
+                complete_seq,
+                initial_done: true,
+                stats: DiskStats::default(),
+            });
+        }
+        s
+    }
+
+    /// (acked, complete_seq) of a disk, what a saved run keeps of it.
+    pub fn positions(&self, disk: usize) -> (u64, u64) {
+        let d = &self.disks[disk];
+        (d.acked, d.complete_seq)
+    }
+
     pub fn disk_count(&self) -> usize {
         self.disks.len()
     }
@@ -258,7 +297,13 @@ impl Source {
                 let released = d.retained.release(durable_seq);
                 count_acked(&mut d.stats, &released);
                 d.acked = d.acked.max(durable_seq);
-                d.sent = durable_seq;
+                // Everything retained goes again; with nothing retained everything up to the
+                // ack went already (the server's metadata may lag its volume).
+                d.sent = if d.retained.is_empty() {
+                    d.acked
+                } else {
+                    durable_seq
+                };
                 return OpenOutcome::Resumed {
                     released,
                     resend: d.retained.len(),
@@ -578,6 +623,41 @@ mod tests {
         let (k, gen) = s.take_request(d).unwrap();
         assert_eq!(k, PassKind::Fresh);
         gen
+    }
+
+    /// A run restored from a clean stop resumes (nothing to resend, continuous at its last
+    /// pass), even when the server's metadata lags the ack; a server that no longer holds the
+    /// run gets a full pass.
+    #[test]
+    fn a_restored_run_resumes_or_resyncs_as_the_server_says() {
+        let mut s = Source::restored(
+            [
+                ("d0".to_string(), 1 << 20, 40, 38),
+                ("d1".to_string(), 1 << 20, 41, 38),
+            ],
+            42,
+        );
+        assert!(s.all_done());
+        assert_eq!(s.positions(1), (41, 38));
+        match s.open(0, 1, 1, ResumeKind::Resume, 35, 1 << 20) {
+            OpenOutcome::Resumed { resend, .. } => assert_eq!(resend, 0),
+            other => panic!("{other:?}"),
+        }
+        let r = s.report(0).unwrap();
+        assert_eq!((r.phase, r.pass_seq), (Phase::Continuous, 38));
+        assert!(matches!(
+            s.open(1, 1, 2, ResumeKind::Resync, 0, 1 << 20),
+            OpenOutcome::Restarted {
+                kind: PassKind::Resync,
+                ..
+            }
+        ));
+        assert!(!s.disk_done(1));
+        assert_eq!(
+            s.next_seq(),
+            42,
+            "sequence numbers go on from the saved run"
+        );
     }
 
     #[test]
