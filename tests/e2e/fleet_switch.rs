@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 
 use crate::aws_backend::aws_support::http::{forward, read_request};
 use crate::aws_backend::aws_support::imds::Imds;
-use crate::aws_backend::aws_support::{staging_network, tag_map, REGION, ZONE};
+use crate::aws_backend::aws_support::{staging_network, tag_map, MotoEnv, REGION, ZONE};
 use crate::aws_backend::moto_env;
 use crate::support::*;
 
@@ -229,6 +229,13 @@ async fn host_proxy(host: Arc<Host>, upstream: u16) -> String {
         }
     });
     endpoint
+}
+
+/// The source's one replica volume is attached to `instance`.
+fn assert_one_replica_on(rt: &tokio::runtime::Runtime, env: &MotoEnv, instance: &str) {
+    let replicas = rt.block_on(env.replicas_of("web"));
+    assert_eq!(replicas.len(), 1, "{replicas:?}");
+    assert_eq!(replicas[0].attachments()[0].instance_id(), Some(instance));
 }
 
 #[test]
@@ -454,13 +461,8 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
             .clone();
         assert_eq!(i.instance_type().unwrap().as_str(), "m5.xlarge");
         assert_eq!(i.state().unwrap().name().unwrap().as_str(), "running");
-        let replicas = env.replicas_of("web").await;
-        assert_eq!(replicas.len(), 1, "{replicas:?}");
-        assert_eq!(
-            replicas[0].attachments()[0].instance_id(),
-            Some(server_id.as_str())
-        );
     });
+    assert_one_replica_on(&rt, &env, &server_id);
     let log = host.log();
     assert!(log.contains("m5.xlarge"), "{log}");
     assert!(log.contains("adopted volume"), "{log}");
@@ -555,14 +557,7 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         },
         logs,
     );
-    rt.block_on(async {
-        let replicas = env.replicas_of("web").await;
-        assert_eq!(replicas.len(), 1, "{replicas:?}");
-        assert_eq!(
-            replicas[0].attachments()[0].instance_id(),
-            Some(new_id.as_str())
-        );
-    });
+    assert_one_replica_on(&rt, &env, &new_id);
     let log = host.log();
     assert!(log.contains("adopted volume"), "{log}");
     // Without metadata the server cannot prove where the volume stands: a resync (which
