@@ -2,7 +2,9 @@
 //! workload keeps changing, while the server is `kill -9`ed at random moments — in initial
 //! syncs, in rescans, in the middle of restore points — and restarted. At the end every replica
 //! equals its source and every listed restore point verifies and exports to exactly the state
-//! recorded when it was requested.
+//! recorded when it was requested. Some rounds restart an agent instead: a clean stop
+//! (SIGTERM, which saves its run with `--state-file` for the next agent to resume) or a crash
+//! (`kill -9`, which saves nothing: the next agent resyncs).
 //!
 //! Bounded by `SOAK_SECONDS` (default 600) plus the final convergence and checks.
 
@@ -23,6 +25,27 @@ struct Source {
     /// Held by the writer for each write; the test holds it to pause the workload.
     gate: Arc<Mutex<()>>,
     agent: Agent,
+    token: String,
+    state: PathBuf,
+}
+
+/// A follow-mode agent of source `id` that saves its run at a clean stop.
+fn start_agent(
+    server: &Server,
+    id: &str,
+    token: &str,
+    disks: &[(String, PathBuf, u64)],
+    state: &std::path::Path,
+) -> Agent {
+    let paths: Vec<&std::path::Path> = disks.iter().map(|x| x.1.as_path()).collect();
+    let state = state.to_str().unwrap();
+    Agent::start(
+        server,
+        id,
+        token,
+        &paths,
+        &["--follow", "--rescan-interval", "1s", "--state-file", state],
+    )
 }
 
 /// Expected image hashes of one restore point: disk id → SHA-256.
@@ -67,14 +90,6 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
             })
             .collect();
         let token = server.token(id);
-        let paths: Vec<&std::path::Path> = disks.iter().map(|x| x.1.as_path()).collect();
-        let agent = Agent::start(
-            &server,
-            id,
-            &token,
-            &paths,
-            &["--follow", "--rescan-interval", "1s"],
-        );
         let gate = Arc::new(Mutex::new(()));
         // The workload: random 4 KiB..256 KiB writes at 4 KiB-aligned offsets, about 30 a
         // second per source, each under the gate.
@@ -106,13 +121,18 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
                 std::thread::sleep(Duration::from_millis(rng.gen_range(5..60)));
             }
         }));
+        let state = d.path().join(format!("{id}.agent-state"));
+        let agent = start_agent(&server, id, &token, &disks, &state);
         sources.push(Source {
             id: id.to_string(),
             disks,
             gate,
             agent,
+            token,
+            state,
         });
     }
+    let (mut agent_stops, mut agent_kills, mut runs_saved, mut runs_resumed) = (0u32, 0, 0, 0);
 
     let mut expected: HashMap<String, (String, Expected)> = HashMap::new();
     let mut kills = 0u32;
@@ -128,6 +148,25 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
         // Let the system run a random while, then kill it.
         let pause = Duration::from_millis(rng.gen_range(500..10_000));
         std::thread::sleep(pause);
+        if round % 4 == 2 {
+            // An agent restart: clean (its run saved for the next agent) or a crash.
+            let i = rng.gen_range(0..sources.len());
+            let s = &mut sources[i];
+            if rng.gen_ratio(2, 3) {
+                sh("kill", &["-TERM", &s.agent.child.id().to_string()]);
+                let st = s.agent.wait(Duration::from_secs(60));
+                assert!(st.success(), "{}", s.agent.log_text());
+                agent_stops += 1;
+                runs_saved += s.agent.log_text().contains("saved the run") as u32;
+            } else {
+                s.agent.child.kill().unwrap();
+                s.agent.child.wait().unwrap();
+                agent_kills += 1;
+            }
+            runs_resumed += s.agent.log_text().contains("resuming the run saved") as u32;
+            s.agent = start_agent(&server, &s.id, &s.token, &s.disks, &s.state);
+            continue;
+        }
         if round.is_multiple_of(3) {
             // A restore point of a random source, possibly killed in the middle.
             let s = &sources[rng.gen_range(0..sources.len())];
@@ -257,13 +296,19 @@ fn kill9_soak_follow_agents_changing_workload_restore_points() {
          {} workload writes ({} MiB) over {} disks ({} MiB), every replica identical; \
          restore points: {rp_requested} requested, {rp_failed} failed cleanly, {} listed, \
          {verified} verified, {matched} on request whose {exported} disk images equal the recorded state, \
-         {scheduled} scheduled; server peak RSS {} MiB",
+         {scheduled} scheduled; agents: {agent_stops} clean stops ({runs_saved} saved their run, \
+         {} resumed one), {agent_kills} kill -9; server peak RSS {} MiB",
         soak_time.as_secs_f64(),
         writes.load(Ordering::Relaxed),
         written.load(Ordering::Relaxed) >> 20,
         sources.iter().map(|s| s.disks.len()).sum::<usize>(),
         total >> 20,
         list.len(),
+        runs_resumed
+            + sources
+                .iter()
+                .map(|s| s.agent.log_text().contains("resuming the run saved") as u32)
+                .sum::<u32>(),
         peak_rss / 1024
     );
     assert!(kills > 0, "the soak killed the server at least once");
