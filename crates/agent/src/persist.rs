@@ -9,10 +9,12 @@
 //! volume holds, and the first rescan sends only the chunks that changed while no agent ran.
 //!
 //! Why the table can be trusted: a hash is recorded when its chunk's write is queued, and the
-//! state is saved only when nothing is queued or unacknowledged and every disk has finished a
-//! full pass (which records every chunk). A chunk a pass had not reached keeps the hash of what
-//! was last sent for it, which is what the server has. Anything else (a crash, a pass cut
-//! short, writes still unacknowledged) saves nothing, and the next run resyncs as before.
+//! state is saved only when nothing is queued or unacknowledged, every disk has finished a full
+//! pass (which records every chunk) and none is due or running. A chunk a follow-mode rescan
+//! had not reached when the stop came keeps the hash of what was last sent for it, which is
+//! what the server has, so a rescan cut short is fine (on a large disk a stop almost always
+//! lands in one). Anything else (a crash, a full pass cut short, writes still unacknowledged)
+//! saves nothing, and the next run resyncs as before.
 //!
 //! The file is used once: it is removed before the next run connects, so a crash of that run
 //! can never resume from a table it has since made stale. If the server answers `Resync` or

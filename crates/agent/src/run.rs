@@ -338,8 +338,8 @@ fn save_run(shared: &Shared, agent_run: u64, path: &std::path::Path) {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .and_then(ChunkHashes::complete);
-        let (Some(table), true) = (table, s.disk_done(d)) else {
-            warn!(disk = %src.id, "not saving the run: this disk is not between two complete passes; the next run resyncs every disk");
+        let (Some(table), true) = (table, s.can_save(d)) else {
+            warn!(disk = %src.id, "not saving the run: this disk has no complete pass yet, or writes still unacknowledged; the next run resyncs every disk");
             return;
         };
         let (acked, complete_seq) = s.positions(d);

@@ -230,6 +230,20 @@ impl Source {
         s
     }
 
+    /// Whether a run stopped now may be saved for this disk (see `persist`): a full pass has
+    /// completed (every chunk has a hash), none is due or running, and nothing is
+    /// unacknowledged. A follow-mode rescan cut short by the stop is fine: the chunks it queued
+    /// are acknowledged, the ones it did not reach keep the hash of what the server has.
+    pub fn can_save(&self, disk: usize) -> bool {
+        let d = &self.disks[disk];
+        d.initial_done
+            && d.requested.is_none()
+            && d.retained.is_empty()
+            && d.pass
+                .as_ref()
+                .is_some_and(|p| !p.scanning || p.kind == PassKind::Follow)
+    }
+
     /// (acked, complete_seq) of a disk, what a saved run keeps of it.
     pub fn positions(&self, disk: usize) -> (u64, u64) {
         let d = &self.disks[disk];
@@ -653,11 +667,20 @@ mod tests {
             }
         ));
         assert!(!s.disk_done(1));
+        assert!(!s.can_save(1), "a full pass is due");
         assert_eq!(
             s.next_seq(),
             42,
             "sequence numbers go on from the saved run"
         );
+        // A rescan cut short by a stop, everything it queued acknowledged: still savable.
+        let g = s.start_rescan(0).unwrap();
+        assert!(s.can_save(0));
+        s.enqueue(0, g, &mut vec![write(0, 512)], 0, 512).unwrap();
+        assert!(!s.can_save(0), "a write is unacknowledged");
+        let seq = s.next_seq() - 1;
+        s.ack(0, 1, seq).unwrap();
+        assert!(s.can_save(0));
     }
 
     #[test]
