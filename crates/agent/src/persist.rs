@@ -204,12 +204,17 @@ pub fn load(cfg: &Config, sizes: &[u64]) -> Option<SavedRun> {
     }
 }
 
+/// The directory holding `path` (`.` for a bare file name), whose entry changes get fsynced.
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Writes `run` to `path` atomically (temporary file, fsync, rename, directory fsync).
 pub fn save(path: &Path, run: &SavedRun) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = dir_of(path);
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name()
@@ -225,16 +230,12 @@ pub fn save(path: &Path, run: &SavedRun) -> std::io::Result<()> {
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(&dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn remove_durably(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(path)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir_of(path))?.sync_all()
 }
 
 #[cfg(test)]

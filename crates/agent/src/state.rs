@@ -204,27 +204,19 @@ impl Source {
         disks: impl IntoIterator<Item = (String, u64, u64, u64)>,
         next_seq: u64,
     ) -> Self {
-        let mut s = Source::new(std::iter::empty());
+        let disks: Vec<_> = disks.into_iter().collect();
+        let mut s = Source::new(disks.iter().map(|(id, size, _, _)| (id.clone(), *size)));
         s.next_seq = next_seq.max(1);
-        for (id, size, acked, complete_seq) in disks {
-            s.disks.push(DiskState {
-                id,
-                size,
-                retained: Retained::new(),
-                acked,
-                binding: None,
-                sent: acked,
-                gen: 0,
-                pass: Some(Pass {
-                    kind: PassKind::Follow,
-                    scanning: false,
-                    scanned: size,
-                    last_seq: 0,
-                }),
-                requested: None,
-                complete_seq,
-                initial_done: true,
-                stats: DiskStats::default(),
+        for (d, (_, size, acked, complete_seq)) in s.disks.iter_mut().zip(disks) {
+            d.acked = acked;
+            d.sent = acked;
+            d.complete_seq = complete_seq;
+            d.initial_done = true;
+            d.pass = Some(Pass {
+                kind: PassKind::Follow,
+                scanning: false,
+                scanned: size,
+                last_seq: 0,
             });
         }
         s

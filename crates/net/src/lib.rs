@@ -250,20 +250,12 @@ pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max_body: u32,
 ) -> Result<Option<Frame>, FrameIoError> {
-    read_frame_with(recv, max_body, true).await
+    read_frame_with(recv, max_body, true, MID_FRAME_TIMEOUT).await
 }
 
-/// Like [`read_frame`], refusing LZ4-compressed writes unless `lz4` was negotiated.
+/// Like [`read_frame`], refusing LZ4-compressed writes unless `lz4` was negotiated, with
+/// `frame_timeout` instead of [`MID_FRAME_TIMEOUT`].
 pub async fn read_frame_with(
-    recv: &mut quinn::RecvStream,
-    max_body: u32,
-    lz4: bool,
-) -> Result<Option<Frame>, FrameIoError> {
-    read_frame_within(recv, max_body, lz4, MID_FRAME_TIMEOUT).await
-}
-
-/// Like [`read_frame_with`], with `frame_timeout` instead of [`MID_FRAME_TIMEOUT`].
-pub async fn read_frame_within(
     recv: &mut quinn::RecvStream,
     max_body: u32,
     lz4: bool,

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use slipway_net::{read_frame, read_frame_within, write_frame, FrameIoError};
+use slipway_net::{read_frame, read_frame_with, write_frame, FrameIoError};
 use slipway_proto::handshake::ServerParams;
 use slipway_proto::{
     features, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, ResumeKind, ServerHandshake,
@@ -282,7 +282,7 @@ async fn control_loop(
     let frame_timeout = c.inner.settings.frame_timeout;
     let reader = tokio::spawn(async move {
         loop {
-            let r = read_frame_within(&mut recv, CONTROL_MAX_BODY, true, frame_timeout).await;
+            let r = read_frame_with(&mut recv, CONTROL_MAX_BODY, true, frame_timeout).await;
             let stop = !matches!(r, Ok(Some(_)));
             let item = match r {
                 Ok(Some(f)) => Ok(f),
@@ -818,18 +818,18 @@ async fn receive_writes(
     let mut last_seq = disk.start_seq;
     let max_body = slipway_proto::MAX_BODY_LEN;
     loop {
-        let frame =
-            match read_frame_within(recv, max_body, c.lz4, inner.settings.frame_timeout).await {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(last_seq),
-                Err(FrameIoError::Decode(e)) => {
-                    return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string()))
-                }
-                Err(e @ FrameIoError::Stalled(_)) => {
-                    return Err(ErrorFrame::for_disk(ErrorCode::Malformed, h, e.to_string()))
-                }
-                Err(_) => return Ok(last_seq), // connection or stream gone: nothing to answer
-            };
+        let frame = match read_frame_with(recv, max_body, c.lz4, inner.settings.frame_timeout).await
+        {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(last_seq),
+            Err(FrameIoError::Decode(e)) => {
+                return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string()))
+            }
+            Err(e @ FrameIoError::Stalled(_)) => {
+                return Err(ErrorFrame::for_disk(ErrorCode::Malformed, h, e.to_string()))
+            }
+            Err(_) => return Ok(last_seq), // connection or stream gone: nothing to answer
+        };
         if let Some(err) = &disk.acks.borrow().failed {
             return Err(ErrorFrame::for_disk(
                 ErrorCode::DiskError,
