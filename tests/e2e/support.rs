@@ -296,12 +296,25 @@ impl Agent {
         disks: &[&Path],
         extra: &[&str],
     ) -> Agent {
+        let mut cmd = Command::new(AGENT);
+        cmd.arg("replicate");
+        Self::spawn(cmd, server, source, token, disks, extra)
+    }
+
+    /// Runs `cmd --server … --disk … extra…` (cmd is the binary and `replicate`, or a wrapper
+    /// such as `ip netns exec NS slipway-agent replicate`), logging to a file of its own.
+    fn spawn(
+        mut cmd: Command,
+        server: &Server,
+        source: &str,
+        token: &str,
+        disks: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
         let log = server
             .data_dir
             .join(format!("agent-{source}-{}.log", rand::random::<u32>()));
-        let mut cmd = Command::new(AGENT);
-        cmd.arg("replicate")
-            .args(["--server", &server.listen.to_string()])
+        cmd.args(["--server", &server.listen.to_string()])
             .args(["--server-fingerprint", &server.fingerprint])
             .args(["--source-id", source, "--token", token]);
         for d in disks {
@@ -772,26 +785,9 @@ impl Agent {
         disks: &[&Path],
         extra: &[&str],
     ) -> Agent {
-        let log = server
-            .data_dir
-            .join(format!("agent-{source}-{}.log", rand::random::<u32>()));
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, AGENT, "replicate"])
-            .args(["--server", &server.listen.to_string()])
-            .args(["--server-fingerprint", &server.fingerprint])
-            .args(["--source-id", source, "--token", token]);
-        for d in disks {
-            cmd.arg("--disk").arg(d);
-        }
-        cmd.args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&log).unwrap()));
-        Agent {
-            child: cmd.spawn().expect("spawning slipway-agent in a namespace"),
-            log,
-        }
+        cmd.args(["netns", "exec", ns, AGENT, "replicate"]);
+        Self::spawn(cmd, server, source, token, disks, extra)
     }
 }
 
