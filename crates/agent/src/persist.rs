@@ -8,8 +8,9 @@
 //! if the server still holds that run (it answers `Resume`), the table is exactly what the
 //! volume holds, and the first rescan sends only the chunks that changed while no agent ran.
 //!
-//! Why the table can be trusted: a hash is recorded when its chunk's write is queued, and the
-//! state is saved only when nothing is queued or unacknowledged, every disk has finished a full
+//! Why the table can be trusted: a rescan records a chunk's hash when its write is queued (a
+//! held-back zero run is queued when the rescan stops), a full pass when it reads the chunk;
+//! the state is saved only when nothing is queued or unacknowledged, every disk has finished a full
 //! pass (which records every chunk) and none is due or running. A chunk a follow-mode rescan
 //! had not reached when the stop came keeps the hash of what was last sent for it, which is
 //! what the server has, so a rescan cut short is fine (on a large disk a stop almost always
@@ -21,6 +22,7 @@
 //! `Fresh` (another run replicated meanwhile, a new volume), the table is rebuilt by the full
 //! pass as usual.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -97,7 +99,7 @@ impl SavedDisk {
 pub fn encode_table(hashes: &[u64]) -> String {
     let mut s = String::with_capacity(hashes.len() * 16);
     for h in hashes {
-        s.push_str(&format!("{h:016x}"));
+        let _ = write!(s, "{h:016x}");
     }
     s
 }

@@ -699,6 +699,16 @@ fn pass_loop(
         full_pass(shared, rt, disk, gen, unit, &mut planner, &mut ops, hashes)?
     };
     if let Some(e) = end {
+        if matches!(e, PassEnd::Stopped) && kind == PassKind::Follow {
+            // A rescan recorded the hash of a zeroed chunk when it read it, but the planner
+            // still holds that zero run (it waits to extend it). Queue it: a saved run must
+            // never claim zeros the server does not have (an unacknowledged op prevents the
+            // save; zero runs take no window).
+            planner.finish(&mut ops);
+            if !ops.is_empty() && shared.lock().enqueue(disk, gen, &mut ops, 0, 0).is_ok() {
+                shared.send_wake[disk].notify_one();
+            }
+        }
         return Ok(e);
     }
     planner.finish(&mut ops);
