@@ -611,9 +611,13 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 durable_bytes.inc_by(bytes);
                 let now = Instant::now();
                 let completed = slot.status.lock().unwrap().on_durable(seq, bytes, now);
+                // The ack first: the data is durable, and recording a completed pass below
+                // costs metadata fsyncs the agent need not wait for.
+                ack_tx.send_modify(|a| a.durable = seq);
                 if completed {
                     let pass_seq = seq;
-                    if let Some(h) = cell.lock().unwrap().clone() {
+                    let handle = cell.lock().unwrap().clone();
+                    if let Some(h) = handle {
                         if let Err(e) = h.update_meta(|m| {
                             m.synced = true;
                             m.pass_seq = pass_seq;
@@ -622,7 +626,6 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                         }
                     }
                 }
-                ack_tx.send_modify(|a| a.durable = seq);
                 let mut q = latency.lock().unwrap();
                 while let Some(&(s, t)) = q.front() {
                     if s > seq {

@@ -574,16 +574,21 @@ fn flusher_loop(s: Arc<Shared>) {
             m.durable_seq = target;
             m.replicated_bytes += bytes;
         }
-        // The metadata file is written by its own thread: its fsyncs (file and directory)
-        // must not delay the next fdatasync, which every waiting ack depends on.
-        s.meta_sync.lock().unwrap().dirty = true;
-        s.meta_cv.notify_all();
         (s.events)(ApplierEvent::Durable {
             seq: target,
             writes,
             bytes,
             flush,
         });
+        // The metadata file is written by its own thread: its fsyncs (file and directory)
+        // must not delay the next fdatasync, which every waiting ack depends on. Woken only
+        // when there was nothing to write yet (it rate-limits itself).
+        let mut ms = s.meta_sync.lock().unwrap();
+        if !ms.dirty {
+            ms.dirty = true;
+            drop(ms);
+            s.meta_cv.notify_all();
+        }
     }
 }
 
