@@ -21,6 +21,7 @@ pub mod retained;
 pub mod run;
 mod session;
 pub mod state;
+pub mod track;
 
 pub use config::{Config, ConfigError};
 pub use run::{replicate, replicate_until, AgentError, Outcome, Progress, RunSummary};
