@@ -4,23 +4,24 @@ DATA_DIR ?= ./var
 
 .PHONY: run test lint fmt build bench bench-deps soak fuzz ami clean
 
-## Run the server on its embedded local default: QUIC 127.0.0.1:1500, metrics 127.0.0.1:9500, data in ./var
+## Run the server on its embedded local default: QUIC 127.0.0.1:1500, metrics 127.0.0.1:9500, data in ./var.
+## Built without the `aws` feature (no AWS SDK), so a fresh clone is serving in minutes.
 run:
 	$(CARGO) run --bin slipway -- serve --data-dir $(DATA_DIR)
 
 ## Everything: lint, unit tests, end-to-end tests with the real binaries
 test: lint
-	$(CARGO) test --workspace --all-targets --no-fail-fast
+	$(CARGO) test --workspace --all-targets --all-features --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
 
 build:
-	$(CARGO) build --workspace
+	$(CARGO) build --workspace --all-features
 
 ## Benchmarks (issue 7): Slipway beside dd and nbdcopy→qemu-nbd in one run; rewrites
 ## docs/benchmarks.md. BENCH_ARGS="--quick" to try it (1 run, small sizes, writes
@@ -68,7 +69,7 @@ AMI_BASE ?=
 AMI_ARCH ?= x86_64
 ami:
 	@command -v packer >/dev/null || { echo "make ami: packer is not installed (see docs/operations.md, 'Build the AMI'); no AMI built" >&2; exit 1; }
-	$(CARGO) build --release -p slipway --bin slipway
+	$(CARGO) build --release -p slipway --features aws --bin slipway
 	packer init ami/slipway.pkr.hcl
 	packer build -var region=$(AMI_REGION) -var version=$(AMI_VERSION) -var base_ami=$(AMI_BASE) \
 	    -var architecture=$(AMI_ARCH) -var binary=$(CURDIR)/target/release/slipway ami/slipway.pkr.hcl

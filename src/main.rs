@@ -11,6 +11,16 @@ use clap::{Parser, Subcommand};
 use slipway_server::admin::{self, Request, Response};
 use slipway_server::settings::{BackendKind, LogFormat, Overrides, Settings};
 
+// The AWS backend, templates and launches need the AWS SDK, a long build that the embedded
+// local default never calls: they are compiled with the `aws` feature (the AMI, CI and `make
+// test` turn it on); without it those commands say how to get them.
+#[cfg(feature = "aws")]
+#[path = "aws.rs"]
+mod aws;
+#[cfg(not(feature = "aws"))]
+#[path = "no_aws.rs"]
+mod aws;
+
 #[derive(Parser)]
 #[command(
     name = "slipway",
@@ -83,7 +93,7 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
-enum TemplateCmd {
+pub(crate) enum TemplateCmd {
     /// Check a replication template (no AWS call).
     Validate { file: PathBuf },
     /// Launch or reconcile the template's replication servers.
@@ -96,7 +106,7 @@ enum TemplateCmd {
 }
 
 #[derive(Subcommand)]
-enum LaunchListCmd {
+pub(crate) enum LaunchListCmd {
     /// Launches recorded on instance tags.
     List {
         /// Only this template's launches (and its region).
@@ -253,7 +263,7 @@ fn run(cli: Cli) -> Result<()> {
             // apply and launch wait through EC2 state changes for minutes: their log lines
             // (stderr) are the progress; the report goes to stdout.
             init_logging(LogFormat::Text);
-            block_on(template(cmd))
+            block_on(aws::template(cmd))
         }
         Cmd::Launch {
             list,
@@ -263,7 +273,7 @@ fn run(cli: Cli) -> Result<()> {
             restore_point,
         } => {
             init_logging(LogFormat::Text);
-            block_on(launch(list, template, source, mode, restore_point))
+            block_on(aws::launch(list, template, source, mode, restore_point))
         }
         Cmd::Token {
             cmd: TokenCmd::Issue { dir, source_id },
@@ -287,7 +297,7 @@ async fn serve(settings: Settings) -> Result<()> {
     };
     let backends = match settings.backend {
         BackendKind::Local => slipway_server::Backends::local(&settings),
-        BackendKind::Aws => aws_backends(&settings).await?,
+        BackendKind::Aws => aws::backends(&settings).await?,
     };
     slipway_server::run(
         settings,
@@ -315,50 +325,6 @@ async fn serve(settings: Settings) -> Result<()> {
     )
     .await?;
     Ok(())
-}
-
-/// The AWS backend: `[aws]` settings validated here (the server crate does not know them),
-/// instance identity from IMDSv2, the default credential chain, EBS devices by id.
-async fn aws_backends(settings: &Settings) -> Result<slipway_server::Backends> {
-    use std::sync::Arc;
-    let (table, file) = settings
-        .aws
-        .clone()
-        .unwrap_or_else(|| (Default::default(), "<defaults>".into()));
-    let raw: slipway_aws::RawAwsSettings =
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                anyhow::anyhow!("settings file {file}: key `aws`: {}", e.message().trim())
-            })?;
-    let aws = slipway_aws::AwsSettings::validate(raw).map_err(|e| match e {
-        slipway_aws::AwsError::Settings { key, reason } => {
-            anyhow::anyhow!("settings file {file}: key `aws.{key}`: {reason}")
-        }
-        e => anyhow::anyhow!("settings file {file}: key `aws`: {e}"),
-    })?;
-    let identity = slipway_aws::instance_identity()
-        .await
-        .context("reading this instance's identity from the instance metadata service (IMDSv2)")?;
-    tracing::info!(instance = %identity.instance_id, az = %identity.availability_zone, "running on EC2");
-    let sdk = slipway_aws::sdk_config(aws.region.clone()).await;
-    // Emulated attachments have no block devices: tests map volume ids to files.
-    let resolver: Arc<dyn slipway_aws::DeviceResolver> =
-        match std::env::var_os("SLIPWAY_AWS_DEVICE_MAP_DIR") {
-            Some(dir) => Arc::new(slipway_aws::FileMap { dir: dir.into() }),
-            None => Arc::new(slipway_aws::ById {
-                dir: aws.device_dir.clone(),
-            }),
-        };
-    let backend = Arc::new(
-        slipway_aws::AwsBackend::new(aws, identity, resolver, sdk)
-            .await
-            .context("starting the AWS backend")?,
-    );
-    Ok(slipway_server::Backends {
-        volumes: backend.clone(),
-        snapshots: Some(backend),
-    })
 }
 
 /// Tells systemd (Type=notify) the server is ready; a no-op outside systemd.
@@ -457,63 +423,6 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         .build()
         .context("starting the async runtime")?
         .block_on(f)
-}
-
-async fn template(cmd: TemplateCmd) -> Result<()> {
-    match cmd {
-        TemplateCmd::Validate { file } => {
-            let t = slipway_fleet::validate(&file).await?;
-            println!("{}: ok — {}", file.display(), t.summary());
-        }
-        TemplateCmd::Apply { file, dry_run } => {
-            let t = slipway_fleet::validate(&file).await?;
-            let report = slipway_fleet::apply(&t, &slipway_fleet::ApplyOptions { dry_run }).await?;
-            println!("{report}");
-        }
-    }
-    Ok(())
-}
-
-async fn launch(
-    list: Option<LaunchListCmd>,
-    template: Option<PathBuf>,
-    source: Option<String>,
-    mode: Option<String>,
-    restore_point: Option<String>,
-) -> Result<()> {
-    if let Some(LaunchListCmd::List { template, region }) = list {
-        let t = match &template {
-            Some(p) => Some(slipway_fleet::validate(p).await?),
-            None => None,
-        };
-        let region = t
-            .as_ref()
-            .map(|t| t.region.clone())
-            .or(region)
-            .context("give --template or --region (or set AWS_REGION)")?;
-        let l = slipway_fleet::launch_list(&region, t.as_ref().map(|t| t.name.as_str())).await?;
-        println!("{l}");
-        return Ok(());
-    }
-    let (Some(file), Some(source), Some(mode)) = (template, source, mode) else {
-        bail!("slipway launch needs --template FILE --source ID --mode test|cutover");
-    };
-    let t = slipway_fleet::validate(&file).await?;
-    let mode = match mode.as_str() {
-        "cutover" => slipway_fleet::LaunchMode::Cutover,
-        _ => slipway_fleet::LaunchMode::Test,
-    };
-    let report = slipway_fleet::launch(
-        &t,
-        &slipway_fleet::LaunchRequest {
-            source,
-            mode,
-            restore_point,
-        },
-    )
-    .await?;
-    println!("{report}");
-    Ok(())
 }
 
 fn store_of(s: &Settings) -> slipway_store::snapshot::SnapshotStore {

@@ -1,8 +1,10 @@
 //! End-to-end tests: the real `slipway` and `slipway-agent` binaries over loopback QUIC.
 //! One test binary (ripgrep style) so the binaries are built and linked once.
 
+#[cfg(feature = "aws")]
 mod aws_backend;
 mod data_path;
+#[cfg(feature = "aws")]
 mod fleet_switch;
 mod network;
 mod pit_sim;
