@@ -346,3 +346,35 @@ fn tells_systemd_when_ready() {
     assert_eq!(&buf[..n], b"READY=1");
     assert!(server.healthy());
 }
+
+/// `synced` (the server durably knows the volume is a whole copy) is recorded before the ack
+/// that ends the pass: an agent that saw its last ack and exited leaves a server that, killed
+/// at once and restarted, still reports the disk synced. The failpoint holds the server for 5 s
+/// between the pass's last flush and recording it; with the ack sent first (the bug of
+/// c3cf13f) the agent exits inside that window and the restarted server forgets the copy.
+#[test]
+fn a_completed_pass_is_recorded_before_its_last_ack() {
+    let d = tempfile::tempdir().unwrap();
+    let var = d.path().join("var");
+    let mut server = Server::start_env(
+        &var,
+        "127.0.0.1:0",
+        &[],
+        &[("SLIPWAY_FAILPOINT", "pass-completed-before-record")],
+    );
+    let token = server.token("rec");
+    let src = d.path().join("r.img");
+    make_disk(&src, 4 << 20, 21);
+    let mut agent = Agent::start(&server, "rec", &token, &[&src], &[]);
+    let st = agent.wait(Duration::from_secs(120));
+    assert!(st.success(), "agent failed: {st}\n{}", agent.log_text());
+    server.kill9();
+    server.restart();
+    let st = server.status();
+    let disk = &st["sources"][0]["disks"][0];
+    assert_eq!(
+        disk["synced"], true,
+        "the completed pass was forgotten: {disk}"
+    );
+    assert_same(&src, &server.volume("rec", "r.img"), 4 << 20);
+}

@@ -476,3 +476,59 @@ fn crash_during_snapshot_and_prune_leaves_every_listed_restore_point_whole() {
     assert_same(&src, &out, 16 << 20);
     let _ = agent.child.kill();
 }
+
+/// The agent reconnects while a restore point is still being read (copy-on-write capture
+/// running, the failpoint holds the read for 5 s) and its new run rewrites changed blocks at
+/// once. The new session must not write the volume until the capture has ended: the exported
+/// restore point is the disk at the marker, byte for byte, and afterwards the replica catches
+/// up with the change. (The restore point is the scheduler's first, taken as soon as the disk
+/// is continuous; the source does not change before the test changes it below.)
+#[test]
+fn a_reconnect_during_a_capture_does_not_leak_later_writes_into_the_restore_point() {
+    let d = tempfile::tempdir().unwrap();
+    let var = d.path().join("var");
+    let server = Server::start_env(
+        &var,
+        "127.0.0.1:0",
+        &[],
+        &[("SLIPWAY_FAILPOINT", "capture-before-read")],
+    );
+    let token = server.token("guard");
+    let src = d.path().join("g.img");
+    make_disk(&src, 8 << 20, 31);
+    let at_marker = d.path().join("at-marker.img");
+    std::fs::copy(&src, &at_marker).unwrap();
+    let follow = ["--follow", "--rescan-interval", "1s"];
+    let mut agent = Agent::start(&server, "guard", &token, &[&src], &follow);
+    wait_until("a capture is being read", Duration::from_secs(120), || {
+        server.log().contains("failpoint capture-before-read")
+    });
+    // Change the source after the marker, and reconnect: a new agent run resyncs every block.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&vec![0xc3; 2 * BLOCK as usize], 3 * BLOCK)
+        .unwrap();
+    f.sync_all().unwrap();
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let mut agent = Agent::start(&server, "guard", &token, &[&src], &follow);
+    wait_until(
+        "the restore point is listed",
+        Duration::from_secs(120),
+        || !server.restore_points().is_empty(),
+    );
+    let rp = server.restore_points()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let exported = d.path().join("rp.img");
+    server.export(&rp, "g.img", &exported);
+    assert_same(&at_marker, &exported, 8 << 20);
+    server.verify(&rp);
+    wait_until(
+        "the replica has the change",
+        Duration::from_secs(120),
+        || same_bytes(&src, &server.volume("guard", "g.img"), 8 << 20),
+    );
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+}

@@ -129,9 +129,14 @@ pub fn new_id() -> String {
     format!("rp-{:013}-{:04x}", now_ms(), rand::random::<u16>())
 }
 
-/// Releases markers, forgets the waiter and clears `creating-snapshot` on every exit path.
+/// Releases markers, forgets the waiter and clears `creating-snapshot` on every exit path;
+/// lets go of the disks' leases last, once the captures have ended.
 struct Cleanup {
     disks: Vec<Arc<OpenDisk>>,
+    /// A share of each disk's lease for the whole of the restore point: if the agent
+    /// reconnects meanwhile, its new session cannot open the disk for writing (and change the
+    /// volume under a capture that still reads it) until this restore point is done.
+    leases: Vec<Arc<tokio::sync::OwnedMutexGuard<()>>>,
     conn_markers: crate::session::MarkerRouter,
     marker_id: u64,
     captures: Vec<(slipway_store::ApplierHandle, Arc<Capture>)>,
@@ -150,6 +155,8 @@ impl Drop for Cleanup {
             }
             d.slot.status.lock().unwrap().creating_snapshot = false;
         }
+        // The captures have ended above: now a new session may open the disks.
+        self.leases.clear();
     }
 }
 
@@ -283,11 +290,17 @@ impl Inner {
                 Err(e) => return Err(e.into()),
             }
         }
+        let leases = disks
+            .iter()
+            .map(|d| d.lease.lock().unwrap().clone())
+            .collect::<Option<Vec<_>>>()
+            .ok_or(RpError::Disconnected)?;
         let marker_id = self.rp.next_marker.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
         conn.markers.lock().unwrap().insert(marker_id, tx);
         let mut cleanup = Cleanup {
             disks: disks.clone(),
+            leases,
             conn_markers: conn.markers.clone(),
             marker_id,
             captures: vec![],
@@ -305,14 +318,20 @@ impl Inner {
         let mut reached = HashSet::new();
         let mut first: Option<Instant> = None;
         let deadline = tokio::time::Instant::now() + MARKER_TIMEOUT;
+        // A connection that goes away ends the wait at once: its markers will never arrive,
+        // and the shares of the leases held here would keep its successor out until the
+        // timeout.
         while reached != want {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((disk, at))) => {
-                    first = Some(first.map_or(at, |f| f.min(at)));
-                    reached.insert(disk);
-                }
-                Ok(None) => return Err(RpError::Disconnected),
-                Err(_) => return Err(RpError::Timeout(MARKER_TIMEOUT)),
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.recv()) => match r {
+                    Ok(Some((disk, at))) => {
+                        first = Some(first.map_or(at, |f| f.min(at)));
+                        reached.insert(disk);
+                    }
+                    Ok(None) => return Err(RpError::Disconnected),
+                    Err(_) => return Err(RpError::Timeout(MARKER_TIMEOUT)),
+                },
+                _ = conn.closed() => return Err(RpError::Disconnected),
             }
         }
         let created_unix_ms = now_ms();
@@ -376,6 +395,7 @@ impl Inner {
         let src = source.to_string();
         let trig = trigger.as_str().to_string();
         let man = tokio::task::spawn_blocking(move || -> Result<Manifest, StoreError> {
+            slipway_store::failpoint_pause("capture-before-read");
             let mut out = vec![];
             for (disk, size, block_size, cap) in jobs {
                 let pd = parent.as_ref().and_then(|p| p.disk(&disk));

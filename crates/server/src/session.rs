@@ -72,7 +72,10 @@ pub(crate) struct OpenDisk {
     queue: Arc<tokio::sync::Semaphore>,
     latency: Arc<Mutex<VecDeque<(u64, Instant)>>>,
     bound: AtomicBool,
-    lease: Mutex<Option<OwnedMutexGuard<()>>>,
+    /// The disk's lease, shared with any restore point that is capturing the disk: the disk
+    /// can be opened for writing again only when the session *and* every capture have let go
+    /// of it, so no new writer touches a volume a capture still reads.
+    pub lease: Mutex<Option<Arc<OwnedMutexGuard<()>>>>,
     received_bytes: prometheus::IntCounter,
     received_writes: prometheus::IntCounter,
 }
@@ -96,6 +99,11 @@ impl Conn {
     /// Closes the connection (used when a newer one of the same source arrives).
     pub fn close(&self, code: quinn::VarInt, reason: &[u8]) {
         self.conn.close(code, reason);
+    }
+
+    /// Completes when the connection is gone (closed by either side, lost, or superseded).
+    pub async fn closed(&self) {
+        self.conn.closed().await;
     }
 }
 
@@ -478,7 +486,10 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         .map_err(|_| {
             ErrorFrame::new(
                 ErrorCode::Limit,
-                format!("disk {} is still held by a previous connection", d.disk_id),
+                format!(
+                    "disk {} is still held by a previous connection or a restore point being captured",
+                    d.disk_id
+                ),
             )
         })?;
 
@@ -611,11 +622,13 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 durable_bytes.inc_by(bytes);
                 let now = Instant::now();
                 let completed = slot.status.lock().unwrap().on_durable(seq, bytes, now);
-                // The ack first: the data is durable, and recording a completed pass below
-                // costs metadata fsyncs the agent need not wait for.
-                ack_tx.send_modify(|a| a.durable = seq);
+                // A completed pass is recorded before the ack that ends it: `synced` promises
+                // that the server durably knows the volume is a whole copy, and an agent that saw
+                // its last ack (and exited) must never leave a server that forgets it. One
+                // metadata write per pass, not per flush.
                 if completed {
                     let pass_seq = seq;
+                    slipway_store::failpoint_pause("pass-completed-before-record");
                     let handle = cell.lock().unwrap().clone();
                     if let Some(h) = handle {
                         if let Err(e) = h.update_meta(|m| {
@@ -626,6 +639,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                         }
                     }
                 }
+                ack_tx.send_modify(|a| a.durable = seq);
                 let mut q = latency.lock().unwrap();
                 while let Some(&(s, t)) = q.front() {
                     if s > seq {
@@ -708,7 +722,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         )),
         latency,
         bound: AtomicBool::new(false),
-        lease: Mutex::new(Some(lease)),
+        lease: Mutex::new(Some(Arc::new(lease))),
         received_bytes: m.received_bytes.with_label_values(&labels),
         received_writes: m.received_writes.with_label_values(&labels),
     });
@@ -722,7 +736,36 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
     })
 }
 
-/// Back-pressure permits for one queued write; released when the bytes reach the volume.
+/// What a queued op without payload (WriteZeroes, Marker) is charged against the queue
+/// budgets: about what it costs in memory with its queue entry, rounded up, so a stream of
+/// them is bounded like writes are (`disk_queue` / 1 KiB ops per disk at most).
+const OP_COST: u32 = 1024;
+
+/// Takes `n` bytes of the disk's and the server's queue budgets for one op (waiting while
+/// they are spent: the reader stops, QUIC flow control stops the agent).
+async fn op_guard(inner: &Inner, disk: &OpenDisk, n: u32) -> Box<dyn Send> {
+    let gd = disk
+        .queue
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .expect("never closed");
+    let gg = inner
+        .memory
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .expect("never closed");
+    inner.metrics.queued_bytes.add(n as i64);
+    Box::new(QueueGuard {
+        _disk: gd,
+        _global: gg,
+        gauge: inner.metrics.queued_bytes.clone(),
+        bytes: n as i64,
+    })
+}
+
+/// Back-pressure permits for one queued op; released when it reaches the volume.
 struct QueueGuard {
     _disk: OwnedSemaphorePermit,
     _global: OwnedSemaphorePermit,
@@ -905,19 +948,7 @@ async fn receive_writes(
         let op = match frame {
             Frame::Write(w) => {
                 let n = w.data.len() as u32;
-                let gd = disk
-                    .queue
-                    .clone()
-                    .acquire_many_owned(n)
-                    .await
-                    .expect("never closed");
-                let gg = inner
-                    .memory
-                    .clone()
-                    .acquire_many_owned(n)
-                    .await
-                    .expect("never closed");
-                inner.metrics.queued_bytes.add(n as i64);
+                let guard = op_guard(inner, disk, n).await;
                 disk.received_bytes.inc_by(n as u64);
                 disk.received_writes.inc();
                 disk.latency
@@ -928,15 +959,11 @@ async fn receive_writes(
                     seq,
                     offset: w.offset,
                     data: w.data,
-                    guard: Some(Box::new(QueueGuard {
-                        _disk: gd,
-                        _global: gg,
-                        gauge: inner.metrics.queued_bytes.clone(),
-                        bytes: n as i64,
-                    })),
+                    guard: Some(guard),
                 }
             }
             Frame::WriteZeroes(z) => {
+                let guard = op_guard(inner, disk, OP_COST).await;
                 disk.received_writes.inc();
                 disk.latency
                     .lock()
@@ -946,11 +973,13 @@ async fn receive_writes(
                     seq,
                     offset: z.offset,
                     len: z.len,
+                    guard: Some(guard),
                 }
             }
             Frame::Marker(m) => Op::Marker {
                 seq,
                 marker_id: m.marker_id,
+                guard: Some(op_guard(inner, disk, OP_COST).await),
             },
             _ => unreachable!("filtered above"),
         };

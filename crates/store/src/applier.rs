@@ -52,10 +52,15 @@ pub enum Op {
         seq: u64,
         offset: u64,
         len: u64,
+        /// Dropped once the range is zeroed: every queued op holds a share of the caller's
+        /// budget, so no kind of op can grow the queue without bound.
+        guard: Option<Box<dyn Send>>,
     },
     Marker {
         seq: u64,
         marker_id: u64,
+        /// Dropped once the writer has passed the marker.
+        guard: Option<Box<dyn Send>>,
     },
 }
 
@@ -65,8 +70,10 @@ impl std::fmt::Debug for Op {
             Op::Write {
                 seq, offset, data, ..
             } => write!(f, "Write(seq {seq}, {} bytes at {offset})", data.len()),
-            Op::Zeroes { seq, offset, len } => write!(f, "Zeroes(seq {seq}, {len} at {offset})"),
-            Op::Marker { seq, marker_id } => write!(f, "Marker(seq {seq}, id {marker_id})"),
+            Op::Zeroes {
+                seq, offset, len, ..
+            } => write!(f, "Zeroes(seq {seq}, {len} at {offset})"),
+            Op::Marker { seq, marker_id, .. } => write!(f, "Marker(seq {seq}, id {marker_id})"),
         }
     }
 }
@@ -147,6 +154,8 @@ struct State {
     bytes_since: u64,
     failed: bool,
     closing: bool,
+    /// The owner is closing: a writer held at a marker stops waiting for its release.
+    abandon: bool,
     released: Vec<u64>,
 }
 
@@ -423,6 +432,10 @@ impl Applier {
 
     fn shutdown(&mut self) {
         self.tx.take();
+        // A writer held at a marker would wait for a release that may never come (the
+        // connection that asked for the restore point is gone): end the hold now.
+        self.handle.shared.state.lock().unwrap().abandon = true;
+        self.handle.shared.cv.notify_all();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -471,8 +484,12 @@ fn fail(s: &Shared, seq: u64, e: &std::io::Error) {
 }
 
 fn writer_loop(s: Arc<Shared>, rx: mpsc::Receiver<Op>) {
+    // Set when a marker hold was abandoned at close: what follows the marker is dropped, not
+    // applied. None of it is durable or acknowledged (the agent resends it), and the volume
+    // stays at the marker's image for a capture that may have begun while the writer held.
+    let mut discard = false;
     for op in rx {
-        if s.state.lock().unwrap().failed {
+        if discard || s.state.lock().unwrap().failed {
             continue; // drain and drop: nothing after a failure is applied
         }
         let seq = op.seq();
@@ -502,9 +519,15 @@ fn writer_loop(s: Arc<Shared>, rx: mpsc::Receiver<Op>) {
                 drop(guard);
                 (r, data.len() as u64)
             }
-            Op::Zeroes { offset, len, .. } => (s.vol.write_zeroes(offset, len), len),
+            Op::Zeroes {
+                offset, len, guard, ..
+            } => {
+                let r = s.vol.write_zeroes(offset, len);
+                drop(guard);
+                (r, len)
+            }
             Op::Marker { marker_id, .. } => {
-                hold_at_marker(&s, seq, marker_id);
+                discard = hold_at_marker(&s, seq, marker_id) == Hold::Abandoned;
                 continue;
             }
         };
@@ -521,25 +544,43 @@ fn writer_loop(s: Arc<Shared>, rx: mpsc::Receiver<Op>) {
     }
 }
 
+#[derive(Debug, PartialEq)]
+enum Hold {
+    Released,
+    /// The owner closed the applier while the writer was at the marker.
+    Abandoned,
+}
+
 /// Waits until everything before the marker is durable, reports it, then holds until the
-/// marker is released (or the applier closes or fails).
-fn hold_at_marker(s: &Shared, seq: u64, marker_id: u64) {
+/// marker is released, the applier fails, or its owner closes it (`Abandoned`).
+fn hold_at_marker(s: &Shared, seq: u64, marker_id: u64) -> Hold {
     let mut st = s.state.lock().unwrap();
     st.written = st.written.max(seq);
     s.cv.notify_all();
-    while st.durable < seq && !st.failed && !st.closing {
+    while st.durable < seq && !st.failed && !st.closing && !st.abandon {
         st = s.cv.wait(st).unwrap();
     }
+    if st.abandon {
+        return Hold::Abandoned;
+    }
     if st.failed || st.durable < seq {
-        return;
+        return Hold::Released;
     }
     drop(st);
     (s.events)(ApplierEvent::MarkerReached { marker_id, seq });
     let mut st = s.state.lock().unwrap();
-    while !st.released.contains(&marker_id) && !st.failed && !st.closing {
+    while !st.released.contains(&marker_id) && !st.failed && !st.closing && !st.abandon {
         st = s.cv.wait(st).unwrap();
     }
-    st.released.retain(|m| *m != marker_id);
+    if st.released.contains(&marker_id) {
+        st.released.retain(|m| *m != marker_id);
+        return Hold::Released;
+    }
+    if st.abandon {
+        Hold::Abandoned
+    } else {
+        Hold::Released
+    }
 }
 
 fn flusher_loop(s: Arc<Shared>) {
@@ -840,6 +881,7 @@ mod tests {
         a.submit(Op::Marker {
             seq: 2,
             marker_id: 77,
+            guard: None,
         })
         .unwrap();
         a.submit(write(3, 0, 3)).unwrap();
@@ -860,6 +902,63 @@ mod tests {
         wait_durable(&rx, 3);
         assert_eq!(vol.durable()[0], 3);
         a.close().unwrap();
+    }
+
+    /// The connection that asked for a restore point is gone while the writer holds at its
+    /// marker: close must not wait for a release that never comes. What follows the marker
+    /// is dropped (never durable, so never acked; its guards are freed) and the volume stays
+    /// at the marker's image.
+    #[test]
+    fn close_while_held_at_a_marker_ends_the_hold_and_drops_what_follows() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = Arc::new(MemVolume::new(1 << 20));
+        let (a, rx) = start(vol.clone(), d.path(), 0);
+        let token = Arc::new(());
+        a.submit(write(1, 0, 1)).unwrap();
+        a.submit(Op::Marker {
+            seq: 2,
+            marker_id: 5,
+            guard: Some(Box::new(token.clone())),
+        })
+        .unwrap();
+        a.submit(Op::Zeroes {
+            seq: 3,
+            offset: 0,
+            len: 512,
+            guard: Some(Box::new(token.clone())),
+        })
+        .unwrap();
+        a.submit(Op::Write {
+            seq: 4,
+            offset: 0,
+            data: Bytes::from(vec![4; 512]),
+            guard: Some(Box::new(token.clone())),
+        })
+        .unwrap();
+        loop {
+            if let ApplierEvent::MarkerReached { marker_id: 5, .. } =
+                rx.recv_timeout(Duration::from_secs(10)).unwrap()
+            {
+                break;
+            }
+        }
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || done_tx.send(a.close().unwrap()).unwrap());
+        let meta = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("close returned while the marker was never released");
+        assert_eq!(meta.durable_seq, 2, "nothing after the marker is durable");
+        assert_eq!(vol.durable()[0], 1, "the volume is the marker's image");
+        assert_eq!(
+            Arc::strong_count(&token),
+            1,
+            "every queued op's guard was freed"
+        );
+        while let Ok(ev) = rx.try_recv() {
+            if let ApplierEvent::Durable { seq, .. } = ev {
+                assert!(seq <= 2, "{ev:?}");
+            }
+        }
     }
 
     #[test]
@@ -898,6 +997,7 @@ mod tests {
         a.submit(Op::Marker {
             seq: 3,
             marker_id: 9,
+            guard: None,
         })
         .unwrap();
         a.submit(blk(4, 0, 4)).unwrap(); // overwrites a captured block after the marker
@@ -929,6 +1029,7 @@ mod tests {
         a.submit(Op::Marker {
             seq: 6,
             marker_id: 10,
+            guard: None,
         })
         .unwrap();
         loop {

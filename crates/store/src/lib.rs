@@ -31,12 +31,28 @@ pub use volume::{FileVolume, Volume};
 /// process aborts right here — a `kill -9` at an exact, otherwise unreachable moment. Costs one
 /// cached environment lookup when unset.
 pub fn failpoint(name: &str) {
-    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let armed = ARMED.get_or_init(|| std::env::var("SLIPWAY_FAILPOINT").ok());
-    if armed.as_deref() == Some(name) {
+    if armed() == Some(name) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
+}
+
+/// Crash-test hook: when `SLIPWAY_FAILPOINT` equals `name`, the calling thread sleeps for
+/// `PAUSE` here — it widens a window that is otherwise a few microseconds, so a test can cut
+/// (`kill -9`) inside it every time.
+pub fn failpoint_pause(name: &str) {
+    const PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+    if armed() == Some(name) {
+        eprintln!("failpoint {name}: pausing {PAUSE:?}");
+        std::thread::sleep(PAUSE);
+    }
+}
+
+fn armed() -> Option<&'static str> {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var("SLIPWAY_FAILPOINT").ok())
+        .as_deref()
 }
 
 /// Errors at the store's boundary.
