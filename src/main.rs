@@ -195,6 +195,16 @@ enum TokenCmd {
         /// The source server the token is for.
         #[arg(long)]
         source_id: String,
+        /// Refuse the token after this long (e.g. 90d, 1y); default: it never expires.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<humantime::Duration>,
+    },
+    /// Refuse a token from now on (its id, or the token itself) and close its connections.
+    Revoke {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The token's id (printed by `token issue`), or the whole token.
+        token: String,
     },
 }
 
@@ -276,12 +286,55 @@ fn run(cli: Cli) -> Result<()> {
             block_on(aws::launch(list, template, source, mode, restore_point))
         }
         Cmd::Token {
-            cmd: TokenCmd::Issue { dir, source_id },
+            cmd:
+                TokenCmd::Issue {
+                    dir,
+                    source_id,
+                    expires_in,
+                },
         } => {
             let s = dir.settings()?;
             let key = slipway_server::auth::TokenKey::load_or_create(&s.data_dir)?;
-            println!("{}", key.issue(&source_id)?);
+            let expires = expires_in.map(|d| {
+                std::time::SystemTime::now()
+                    .checked_add(*d)
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(u64::MAX, |t| t.as_secs())
+            });
+            let token = key.issue_until(&source_id, expires)?;
+            println!("{token}");
+            let id = slipway_server::auth::token_id(&token).unwrap_or_default();
+            match expires {
+                Some(e) => eprintln!("token id {id} for {source_id}, expires at Unix time {e}"),
+                None => eprintln!("token id {id} for {source_id}, never expires"),
+            }
             Ok(())
+        }
+        Cmd::Token {
+            cmd: TokenCmd::Revoke { dir, token },
+        } => {
+            let s = dir.settings()?;
+            let id = slipway_server::auth::token_id(&token).unwrap_or(token);
+            if !slipway_server::auth::valid_token_id(&id) {
+                bail!("{id:?} is neither a token nor a token id (32 hex digits)");
+            }
+            let req = Request::TokenRevoke { id: id.clone() };
+            match admin::request(&s.data_dir, &req, Duration::from_secs(30)) {
+                Ok(Response::TokenRevoked { newly, closed, .. }) => {
+                    let was = if newly { "revoked" } else { "already revoked" };
+                    println!("token {id} {was}; {closed} connection(s) closed");
+                    Ok(())
+                }
+                Ok(_) => bail!("unexpected answer from the server"),
+                Err(admin::AdminError::NotRunning { .. }) => {
+                    // No server: list it in place; a server started later reads the list.
+                    let newly = slipway_server::auth::Revoked::revoke(&s.data_dir, &id)?;
+                    let was = if newly { "revoked" } else { "already revoked" };
+                    println!("token {id} {was} (no server running)");
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }

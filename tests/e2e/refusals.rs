@@ -328,3 +328,95 @@ fn frame_bytes(f: &Frame) -> Vec<u8> {
     let _ = b.remaining_mut();
     b.to_vec()
 }
+
+/// Tokens expire and can be revoked one by one; each refusal tells the agent why, and a
+/// revocation closes the connection that presented the token. The agent reads its token from
+/// a private file (`--token-file`), so it never shows in `ps`.
+#[test]
+fn expired_and_revoked_tokens_are_refused_with_their_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::start(&d.path().join("var"));
+    let src = d.path().join("disk.img");
+    make_disk(&src, 2 << 20, 5);
+
+    let (ok, expired, err) =
+        server.cli(&["token", "issue", "--source-id", "exp", "--expires-in", "0s"]);
+    assert!(ok, "{err}");
+    let mut agent = Agent::start(&server, "exp", expired.trim(), &[&src], &[]);
+    let st = agent.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(2), "{}", agent.log_text());
+    assert!(agent.log_text().contains("expired"), "{}", agent.log_text());
+
+    let (ok, token, err) = server.cli(&["token", "issue", "--source-id", "rev"]);
+    assert!(ok, "{err}");
+    let id = err
+        .split_whitespace()
+        .nth(2)
+        .expect("token id on stderr")
+        .to_string();
+    assert_eq!(id.len(), 32, "{err}");
+    let token_file = d.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut agent = Agent::start(
+        &server,
+        "rev",
+        "",
+        &[&src],
+        &[
+            "--follow",
+            "--rescan-interval",
+            "1s",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    wait_until("continuous", Duration::from_secs(60), || {
+        server.disk_state("rev", "disk.img") == "continuous"
+    });
+    let (ok, out, err) = server.cli(&["token", "revoke", &id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 connection(s) closed"), "{out}");
+    let st = agent.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(2), "{}", agent.log_text());
+    assert!(agent.log_text().contains("revoked"), "{}", agent.log_text());
+    assert!(server.healthy());
+}
+
+/// The admin socket serves only root and the server's own user: a socket opened up by
+/// mistake (mode 0666 here) still refuses anyone else, with a clear error.
+#[test]
+fn the_admin_socket_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root()
+        || std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipped: needs root and setpriv (util-linux)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let var = d.path().join("var");
+    let server = Server::start(&var);
+    let sock = var.join("admin.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the socket is created private");
+    for p in [d.path(), var.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", SLIPWAY])
+        .args(["status", "--data-dir"])
+        .arg(&var)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody was served");
+    assert!(err.contains("may not use the admin socket"), "{err}");
+    let (ok, _, err) = server.cli(&["status"]);
+    assert!(ok, "root is served: {err}");
+}

@@ -316,7 +316,11 @@ impl Agent {
             .join(format!("agent-{source}-{}.log", rand::random::<u32>()));
         cmd.args(["--server", &server.listen.to_string()])
             .args(["--server-fingerprint", &server.fingerprint])
-            .args(["--source-id", source, "--token", token]);
+            .args(["--source-id", source]);
+        // An empty token: the caller gives it another way (--token-file in `extra`).
+        if !token.is_empty() {
+            cmd.args(["--token", token]);
+        }
         for d in disks {
             cmd.arg("--disk").arg(d);
         }
@@ -906,4 +910,12 @@ pub fn metric(metrics: &str, prefix: &str) -> f64 {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Whether the tests run as root (loop devices, mounts, other users).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }

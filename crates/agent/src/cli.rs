@@ -61,14 +61,19 @@ struct ReplicateArgs {
     /// Source server id this agent replicates as.
     #[arg(long, value_name = "ID")]
     source_id: String,
-    /// Credential for the source id.
+    /// Credential for the source id. Visible to other users in `ps` when given here: prefer
+    /// --token-file or the SLIPWAY_TOKEN environment variable.
     #[arg(
         long,
         value_name = "TOKEN",
         env = "SLIPWAY_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        required_unless_present = "token_file"
     )]
-    token: String,
+    token: Option<String>,
+    /// File holding the credential (its first line; keep it mode 0600).
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
     /// A disk to replicate: a file or block device, optionally with its id (default: the
     /// file name). Repeat for more disks.
     #[arg(long = "disk", value_name = "PATH[:DISK_ID]", required = true)]
@@ -146,6 +151,27 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The first line of a token file, trimmed. A file readable by others is refused: the
+/// credential would be as public as on the command line.
+fn read_token_file(p: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(p)
+        .with_context(|| format!("--token-file {}", p.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "--token-file {}: mode {:o} lets other users read the credential; chmod 600 it",
+            p.display(),
+            mode & 0o777
+        );
+    }
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("--token-file {}", p.display()))?;
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
 fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let format = match args.log_format {
         LogFormatArg::Text => LogFormat::Text,
@@ -157,7 +183,11 @@ fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         server_fingerprint: args.server_fingerprint,
         server_name: args.server_name,
         source_id: args.source_id,
-        token: args.token,
+        token: match (args.token, &args.token_file) {
+            (Some(t), _) => t,
+            (None, Some(p)) => read_token_file(p)?,
+            (None, None) => unreachable!("clap requires --token or --token-file"),
+        },
         disks: args.disks,
         follow: args.follow,
         rescan_interval: args.rescan_interval,
@@ -283,6 +313,34 @@ mod tests {
         "--disk",
         "/dev/sda",
     ];
+
+    #[test]
+    fn the_token_comes_from_exactly_one_place_and_a_token_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let no_token: Vec<&str> = BASE
+            .iter()
+            .copied()
+            .filter(|a| *a != "--token" && *a != "t")
+            .chain(["--server-ca", "/ca.pem"])
+            .collect();
+        assert!(parse(&no_token).is_err(), "no credential given");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token");
+        std::fs::write(&p, "slw1.abc.def\n").unwrap();
+        let path = p.to_str().unwrap();
+        let mut both = BASE.to_vec();
+        both.extend(["--server-ca", "/ca.pem", "--token-file", path]);
+        assert!(parse(&both).is_err(), "--token and --token-file");
+        let mut from_file = no_token.clone();
+        from_file.extend(["--token-file", path]);
+        let Command::Replicate(r) = parse(&from_file).unwrap().command;
+        assert_eq!(r.token, None);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_token_file(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "slw1.abc.def");
+    }
 
     #[test]
     fn exactly_one_way_to_trust_the_server() {

@@ -3,7 +3,11 @@
 //!
 //! A Unix socket rather than another TCP port: file permissions are the access control (only the
 //! service user or root can reach it), and the CLI finds the running server from the data dir it
-//! was given, without any address to configure.
+//! was given, without any address to configure. Two guards, each enough on its own: the socket
+//! never exists under its public name with a wider mode (it is bound inside a private 0700
+//! directory, set to 0600, then renamed into place; a chmod after a bind in place would leave a
+//! window), and every connection's peer credentials (`SO_PEERCRED`) are checked: only root and
+//! the server's own user are served.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -41,6 +45,10 @@ pub enum Request {
     RestorePointVerify {
         id: String,
     },
+    /// Revoke an agent token by id: refused from now on, its connections closed.
+    TokenRevoke {
+        id: String,
+    },
 }
 
 /// Answers.
@@ -64,6 +72,13 @@ pub enum Response {
     },
     RestorePointVerified {
         report: slipway_store::snapshot::VerifyReport,
+    },
+    TokenRevoked {
+        id: String,
+        /// False if the id was already revoked.
+        newly: bool,
+        /// Connections closed because they had presented it.
+        closed: usize,
     },
     Error {
         message: String,
@@ -123,17 +138,34 @@ pub fn request(data_dir: &Path, req: &Request, timeout: Duration) -> Result<Resp
     Ok(resp)
 }
 
-/// Binds the socket (replacing a stale one) with mode 0600.
+/// Binds the socket (replacing a stale one) with mode 0600 from the moment it has its name:
+/// bound in a private 0700 directory, narrowed there, then renamed into place.
 pub(crate) fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
     let path = socket_path(data_dir);
-    match std::fs::remove_file(&path) {
+    let private = data_dir.join(format!(".admin-{}", std::process::id()));
+    match std::fs::remove_dir_all(&private) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let l = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("admin.sock");
+    let bound = (|| {
+        let l = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, &path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// Who may use the socket: root and the user the server runs as.
+fn peer_allowed(peer_uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    peer_uid == 0 || peer_uid == me
 }
 
 pub(crate) async fn serve(listener: UnixListener, inner: Arc<Inner>) {
@@ -141,11 +173,41 @@ pub(crate) async fn serve(listener: UnixListener, inner: Arc<Inner>) {
         let Ok((sock, _)) = listener.accept().await else {
             continue;
         };
+        let uid = match sock.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket: cannot read the peer's credentials; refused");
+                continue;
+            }
+        };
         let inner = inner.clone();
+        if !peer_allowed(uid) {
+            inner.metrics.reject("unauthorized");
+            tracing::warn!(uid, "admin socket: refused a connection from a user that is neither root nor the server's");
+            tokio::spawn(refuse(sock, uid));
+            continue;
+        }
         tokio::spawn(async move {
             let _ = handle(sock, inner).await;
         });
     }
+}
+
+async fn refuse(sock: UnixStream, uid: u32) -> std::io::Result<()> {
+    let (r, mut w) = sock.into_split();
+    // Read the request first (and ignore it): closing with unread bytes would reset the
+    // connection before the client reads why.
+    let mut lines = tokio::io::BufReader::new(r).take(1 << 20).lines();
+    let _ = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await;
+    let resp = Response::Error {
+        message: format!(
+            "user {uid} may not use the admin socket (only root and the server's own user)"
+        ),
+    };
+    let mut out = serde_json::to_string(&resp).expect("responses serialize");
+    out.push('\n');
+    w.write_all(out.as_bytes()).await?;
+    w.shutdown().await
 }
 
 async fn handle(sock: UnixStream, inner: Arc<Inner>) -> std::io::Result<()> {

@@ -1,12 +1,16 @@
 //! Agent credentials: tokens derived from a server secret and bound to one source.
 //!
-//! `token = "slw1." + hex(nonce) + "." + hex(HMAC-SHA256(secret, "slipway-token-v1" ‖ source ‖ nonce))`
+//! `token = "slw2." + hex(nonce) + "." + expiry + "." + hex(HMAC-SHA256(secret, "slipway-token-v2" ‖ source ‖ nonce ‖ expiry))`
 //!
-//! The server stores no tokens at all — only the 32-byte secret (`DATA_DIR/tls/token.key`, mode
-//! 0600) — and re-derives the MAC to check one, comparing in constant time. A token names no
-//! source, yet it only verifies for the source it was issued to, so a leaked token of one
-//! source cannot open another's disks. Tokens never appear in logs. Revoking every token means
-//! rotating the secret (delete the key file and reissue).
+//! `expiry` is the Unix time (seconds, decimal) after which the token is refused, `0` for
+//! never. The server stores no tokens at all — only the 32-byte secret (`DATA_DIR/tls/token.key`,
+//! mode 0600) — and re-derives the MAC to check one, comparing in constant time. A token names
+//! no source, yet it only verifies for the source it was issued to, so a leaked token of one
+//! source cannot open another's disks. Tokens never appear in logs; a token's *id* (its nonce)
+//! is public and is what `slipway token revoke` takes: revoked ids are listed in
+//! `DATA_DIR/tls/revoked-tokens`, which the server rereads whenever it changes. Revoking every
+//! token at once means rotating the secret (delete the key file and reissue). Tokens of the
+//! first format (`slw1.`, no expiry) still verify and can be revoked by id.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +21,153 @@ use thiserror::Error;
 
 const PREFIX: &str = "slw1.";
 const CONTEXT: &[u8] = b"slipway-token-v1";
+const PREFIX2: &str = "slw2.";
+const CONTEXT2: &[u8] = b"slipway-token-v2";
+
+/// Why a token was refused. The message goes back to the agent: it names no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    #[error("the token is not valid for this source on this server")]
+    Invalid,
+    #[error("the token expired at Unix time {at} (issue a new one: slipway token issue)")]
+    Expired { at: u64 },
+    #[error("the token {id} was revoked")]
+    Revoked { id: String },
+}
+
+/// A parsed token: its public id (the nonce in hex) and what its MAC covers.
+struct Parsed<'a> {
+    id: &'a str,
+    nonce: Vec<u8>,
+    expires: Option<u64>,
+    tag: Vec<u8>,
+    v2: bool,
+}
+
+fn parse(token: &str) -> Option<Parsed<'_>> {
+    let (v2, rest) = match token.strip_prefix(PREFIX2) {
+        Some(r) => (true, r),
+        None => (false, token.strip_prefix(PREFIX)?),
+    };
+    let mut parts = rest.split('.');
+    let id = parts.next()?;
+    let expires = if v2 {
+        let e = parts.next()?;
+        if e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit()) || e.len() > 20 {
+            return None;
+        }
+        Some(e.parse::<u64>().ok()?)
+    } else {
+        None
+    };
+    let tag_hex = parts.next()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    let (Ok(nonce), Ok(tag)) = (hex::decode(id), hex::decode(tag_hex)) else {
+        return None;
+    };
+    if nonce.len() != 16 || tag.len() != 32 {
+        return None;
+    }
+    Some(Parsed {
+        id,
+        nonce,
+        expires,
+        tag,
+        v2,
+    })
+}
+
+/// The public id of a token (to revoke it), if it is one of ours in form.
+pub fn token_id(token: &str) -> Option<String> {
+    parse(token).map(|p| p.id.to_string())
+}
+
+/// Whether `id` has the form of a token id (32 hex digits).
+pub fn valid_token_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Revoked token ids, as listed in `DATA_DIR/tls/revoked-tokens` (one id a line; `#` starts a
+/// comment).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Revoked(std::collections::BTreeSet<String>);
+
+impl Revoked {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("tls").join("revoked-tokens")
+    }
+
+    pub fn parse(text: &str) -> Self {
+        Revoked(
+            text.lines()
+                .map(|l| {
+                    l.split('#')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                })
+                .filter(|l| valid_token_id(l))
+                .collect(),
+        )
+    }
+
+    /// The list on disk; a missing file is an empty list.
+    pub fn load(data_dir: &Path) -> Result<Self, AuthError> {
+        let path = Self::path(data_dir);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => Ok(Self::parse(&t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(AuthError::Io { path, source }),
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.contains(&id.to_ascii_lowercase())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds `id` to the list on disk (atomically, durably). Returns false if it was listed.
+    pub fn revoke(data_dir: &Path, id: &str) -> Result<bool, AuthError> {
+        let id = id.to_ascii_lowercase();
+        if !valid_token_id(&id) {
+            return Err(AuthError::BadTokenId(id));
+        }
+        let mut list = Self::load(data_dir)?;
+        if !list.0.insert(id) {
+            return Ok(false);
+        }
+        let mut text =
+            String::from("# Revoked agent token ids (slipway token revoke), one a line.\n");
+        for id in &list.0 {
+            text.push_str(id);
+            text.push('\n');
+        }
+        let path = Self::path(data_dir);
+        slipway_store::fsutil::create_dir_all_durable(&data_dir.join("tls")).map_err(|e| {
+            AuthError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        slipway_store::fsutil::write_atomic(&path, text.as_bytes(), 0o600).map_err(|e| {
+            AuthError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        Ok(true)
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum AuthError {
@@ -30,6 +181,8 @@ pub enum AuthError {
     BadSecret { path: PathBuf },
     #[error("source id {0:?} is not valid (1-128 of A-Z a-z 0-9 . _ -)")]
     BadSource(String),
+    #[error("{0:?} is not a token id (32 hex digits; `slipway token issue` prints it)")]
+    BadTokenId(String),
 }
 
 /// The secret tokens are derived from.
@@ -94,12 +247,15 @@ impl TokenKey {
         }
     }
 
-    fn mac(&self, source: &str, nonce: &[u8]) -> Hmac<Sha256> {
+    fn mac(&self, source: &str, nonce: &[u8], expires: Option<u64>) -> Hmac<Sha256> {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
-        m.update(CONTEXT);
+        m.update(if expires.is_some() { CONTEXT2 } else { CONTEXT });
         m.update(&(source.len() as u32).to_be_bytes());
         m.update(source.as_bytes());
         m.update(nonce);
+        if let Some(e) = expires {
+            m.update(&e.to_be_bytes());
+        }
         m
     }
 
@@ -112,36 +268,56 @@ impl TokenKey {
         m.finalize().into_bytes().into()
     }
 
-    /// Issues a new token for `source`.
+    /// Issues a new token for `source` that never expires.
     pub fn issue(&self, source: &str) -> Result<String, AuthError> {
+        self.issue_until(source, None)
+    }
+
+    /// Issues a new token for `source`, refused after Unix time `expires` (`None`: never).
+    pub fn issue_until(&self, source: &str, expires: Option<u64>) -> Result<String, AuthError> {
         if !slipway_proto::valid_id(source) {
             return Err(AuthError::BadSource(source.into()));
         }
         let mut nonce = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let tag = self.mac(source, &nonce).finalize().into_bytes();
+        let e = expires.unwrap_or(0);
+        let tag = self.mac(source, &nonce, Some(e)).finalize().into_bytes();
         Ok(format!(
-            "{PREFIX}{}.{}",
+            "{PREFIX2}{}.{e}.{}",
             hex::encode(nonce),
             hex::encode(tag)
         ))
     }
 
-    /// Whether `token` was issued for `source` by this key. Constant time in the MAC.
-    pub fn verify(&self, source: &str, token: &str) -> bool {
-        let Some(rest) = token.strip_prefix(PREFIX) else {
-            return false;
-        };
-        let Some((nonce_hex, tag_hex)) = rest.split_once('.') else {
-            return false;
-        };
-        let (Ok(nonce), Ok(tag)) = (hex::decode(nonce_hex), hex::decode(tag_hex)) else {
-            return false;
-        };
-        if nonce.len() != 16 || tag.len() != 32 {
-            return false;
+    /// Whether `token` was issued for `source` by this key (constant time in the MAC), has
+    /// not expired at `now_unix` and is not revoked. The MAC is checked first, so a forged
+    /// token learns nothing about expiry or revocation.
+    pub fn check(
+        &self,
+        source: &str,
+        token: &str,
+        now_unix: u64,
+        revoked: &Revoked,
+    ) -> Result<(), Refusal> {
+        let p = parse(token).ok_or(Refusal::Invalid)?;
+        let covered = if p.v2 { p.expires } else { None };
+        self.mac(source, &p.nonce, covered)
+            .verify_slice(&p.tag)
+            .map_err(|_| Refusal::Invalid)?;
+        if let Some(at) = p.expires.filter(|e| *e != 0) {
+            if now_unix >= at {
+                return Err(Refusal::Expired { at });
+            }
         }
-        self.mac(source, &nonce).verify_slice(&tag).is_ok()
+        if revoked.contains(p.id) {
+            return Err(Refusal::Revoked { id: p.id.into() });
+        }
+        Ok(())
+    }
+
+    /// [`TokenKey::check`] with no clock and no revocations: only the MAC and the source.
+    pub fn verify(&self, source: &str, token: &str) -> bool {
+        self.check(source, token, 0, &Revoked::default()).is_ok()
     }
 }
 
@@ -153,7 +329,7 @@ mod tests {
     fn tokens_bind_to_their_source() {
         let k = TokenKey::from_bytes([7; 32]);
         let t = k.issue("web-01").unwrap();
-        assert!(t.starts_with("slw1."));
+        assert!(t.starts_with("slw2."));
         assert!(k.verify("web-01", &t));
         assert!(!k.verify("web-02", &t), "another source's token is refused");
         let other = TokenKey::from_bytes([8; 32]);
@@ -166,7 +342,14 @@ mod tests {
         let last = forged.pop().unwrap();
         forged.push(if last == '0' { '1' } else { '0' });
         assert!(!k.verify("web-01", &forged));
-        for bad in ["", "slw1.", "slw1.zz.zz", "slw2.00.00", &t[..t.len() - 2]] {
+        for bad in [
+            "",
+            "slw1.",
+            "slw1.zz.zz",
+            "slw2.00.00",
+            "slw3.00.00",
+            &t[..t.len() - 2],
+        ] {
             assert!(!k.verify("web-01", bad), "{bad}");
         }
         assert!(k.issue("../x").is_err());
@@ -175,6 +358,51 @@ mod tests {
             t,
             "each token has its own nonce"
         );
+    }
+
+    #[test]
+    fn expired_and_revoked_tokens_are_refused_with_their_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let k = TokenKey::from_bytes([7; 32]);
+        let t = k.issue_until("s", Some(1_000)).unwrap();
+        let none = Revoked::default();
+        assert_eq!(k.check("s", &t, 999, &none), Ok(()));
+        assert_eq!(
+            k.check("s", &t, 1_000, &none),
+            Err(Refusal::Expired { at: 1_000 })
+        );
+        // The expiry is covered by the MAC: pushing it out forges the token.
+        let forged = t.replacen(".1000.", ".9000.", 1);
+        assert_eq!(k.check("s", &forged, 999, &none), Err(Refusal::Invalid));
+        // Another source's token stays Invalid, whatever its expiry.
+        assert_eq!(k.check("x", &t, 5_000, &none), Err(Refusal::Invalid));
+
+        let forever = k.issue("s").unwrap();
+        assert_eq!(k.check("s", &forever, u64::MAX, &none), Ok(()));
+        let id = token_id(&forever).unwrap();
+        assert!(Revoked::revoke(d.path(), &id).unwrap());
+        assert!(!Revoked::revoke(d.path(), &id).unwrap(), "listed once");
+        let list = Revoked::load(d.path()).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            k.check("s", &forever, 0, &list),
+            Err(Refusal::Revoked { id: id.clone() })
+        );
+        assert_eq!(k.check("s", &t, 0, &list), Ok(()), "only that one");
+        assert!(Revoked::revoke(d.path(), "not-an-id").is_err());
+
+        // First-format tokens still verify, never expire, and can be revoked.
+        let mut nonce = [3u8; 16];
+        nonce[0] = 9;
+        let tag = k.mac("s", &nonce, None).finalize().into_bytes();
+        let v1 = format!("slw1.{}.{}", hex::encode(nonce), hex::encode(tag));
+        assert_eq!(k.check("s", &v1, u64::MAX, &list), Ok(()));
+        Revoked::revoke(d.path(), &token_id(&v1).unwrap()).unwrap();
+        let list = Revoked::load(d.path()).unwrap();
+        assert!(matches!(
+            k.check("s", &v1, 0, &list),
+            Err(Refusal::Revoked { .. })
+        ));
     }
 
     #[test]

@@ -88,10 +88,19 @@ pub(crate) struct DiskSlot {
     pub status: Mutex<DiskStatus>,
 }
 
+/// The revocation list as last read, with the file's modification time and length.
+#[derive(Default)]
+pub(crate) struct RevokedCache {
+    stamp: Option<(std::time::SystemTime, u64)>,
+    pub list: auth::Revoked,
+}
+
 pub(crate) struct Inner {
     pub settings: Settings,
     pub metrics: Metrics,
     pub token_key: TokenKey,
+    /// Revoked token ids, reread when `DATA_DIR/tls/revoked-tokens` changes.
+    pub revoked: Mutex<RevokedCache>,
     pub fingerprint: String,
     pub started: Instant,
     pub disks: Mutex<BTreeMap<(String, String), Arc<DiskSlot>>>,
@@ -250,8 +259,68 @@ impl Inner {
         }
     }
 
+    /// The revocation list, reread if its file changed since the last call (one `stat` per
+    /// agent hello). An unreadable list refuses every token rather than trusting none of it.
+    pub(crate) fn revocations(&self) -> Result<auth::Revoked, String> {
+        let dir = &self.settings.data_dir;
+        let path = auth::Revoked::path(dir);
+        let stamp = match std::fs::metadata(&path) {
+            Ok(m) => Some((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        let mut c = self.revoked.lock().unwrap();
+        if c.stamp != stamp {
+            c.list = auth::Revoked::load(dir).map_err(|e| e.to_string())?;
+            c.stamp = stamp;
+        }
+        Ok(c.list.clone())
+    }
+
+    /// Revokes a token id: lists it durably, then closes the connections that use it.
+    async fn revoke_token(self: &Arc<Self>, id: String) -> admin::Response {
+        let dir = self.settings.data_dir.clone();
+        let idc = id.clone();
+        let newly =
+            match tokio::task::spawn_blocking(move || auth::Revoked::revoke(&dir, &idc)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    return admin::Response::Error {
+                        message: e.to_string(),
+                    }
+                }
+                Err(e) => {
+                    return admin::Response::Error {
+                        message: e.to_string(),
+                    }
+                }
+            };
+        if let Err(message) = self.revocations() {
+            return admin::Response::Error { message };
+        }
+        let id = id.to_ascii_lowercase();
+        let conns: Vec<Arc<session::Conn>> = self
+            .sessions
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|(_, c)| c.token_id.as_deref() == Some(id.as_str()))
+            .map(|(_, c)| c.clone())
+            .collect();
+        for c in &conns {
+            tracing::warn!(source = %c.source, token_id = %id, "token revoked: closing its connection");
+            c.close(session::CLOSE_UNAUTHORIZED, b"token revoked");
+        }
+        admin::Response::TokenRevoked {
+            id,
+            newly,
+            closed: conns.len(),
+        }
+    }
+
     pub async fn admin(self: &Arc<Self>, req: admin::Request) -> admin::Response {
         match req {
+            admin::Request::TokenRevoke { id } => self.revoke_token(id).await,
             admin::Request::Status => admin::Response::Status {
                 status: self.status_report(),
             },
@@ -453,6 +522,7 @@ pub async fn run(
         },
         metrics: Metrics::new(),
         token_key,
+        revoked: Mutex::new(RevokedCache::default()),
         fingerprint: fingerprint.clone(),
         started: Instant::now(),
         disks: Mutex::new(BTreeMap::new()),

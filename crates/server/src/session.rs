@@ -84,6 +84,8 @@ pub(crate) struct Conn {
     inner: Arc<Inner>,
     conn: quinn::Connection,
     pub source: String,
+    /// Id of the token the agent presented (to close it on revocation).
+    pub token_id: Option<String>,
     agent_run: u64,
     /// LZ4 write payloads were negotiated.
     lz4: bool,
@@ -183,7 +185,34 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         server_version: format!("slipway {}", env!("CARGO_PKG_VERSION")),
     });
     let key = inner.token_key.clone();
-    let negotiated = match hs.on_frame(hello, |src, cred| key.verify(src, cred)) {
+    let revoked = inner.revocations();
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let token_id = match &hello {
+        Frame::Hello(h) => crate::auth::token_id(&h.credential),
+        _ => None,
+    };
+    let mut refusal: Option<String> = None;
+    let authorize = |src: &str, cred: &str| {
+        let r = match &revoked {
+            Ok(list) => key
+                .check(src, cred, now_unix, list)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!(
+                "the server cannot read its token revocation list: {e}"
+            )),
+        };
+        match r {
+            Ok(()) => true,
+            Err(why) => {
+                refusal = Some(why);
+                false
+            }
+        }
+    };
+    let negotiated = match hs.on_frame(hello, authorize) {
         Ok((welcome, n)) => {
             if write_frame(&mut ctl_send, &welcome).await.is_err() {
                 return;
@@ -206,13 +235,17 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
                 .with_label_values(&["refused"])
                 .inc();
             // Never log the credential; the source id is validated or quoted by the error.
-            tracing::warn!(%peer, error = %e, "refused agent");
+            tracing::warn!(%peer, error = %e, reason = refusal.as_deref().unwrap_or("-"), "refused agent");
             let close = if code == ErrorCode::Unauthorized {
                 CLOSE_UNAUTHORIZED
             } else {
                 CLOSE_PROTOCOL
             };
-            if let Frame::Error(f) = frame {
+            if let Frame::Error(mut f) = frame {
+                // Say why (expired, revoked) so the operator knows what to do.
+                if let Some(why) = refusal.take() {
+                    f.message = format!("{}: {why}", f.message);
+                }
                 close_with_error(&conn, &mut ctl_send, f, close).await;
             }
             return;
@@ -234,6 +267,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         inner: inner.clone(),
         conn: conn.clone(),
         source: negotiated.source_id.clone(),
+        token_id,
         agent_run: negotiated.agent_run,
         lz4: negotiated.lz4(),
         peer,
