@@ -24,9 +24,20 @@
 //! Consistency markers pause the writer: once everything before a marker is durable the applier
 //! reports [`ApplierEvent::MarkerReached`] and holds further writes until
 //! [`ApplierHandle::release_marker`] — the window in which a snapshot of the volume is exact.
+//!
+//! A [`Capture`] keeps a point-in-time image readable after the writer resumes: before the
+//! writer overwrites a block the capture has not read yet, it preserves the block's old
+//! contents — in memory up to [`ApplierConfig::capture_memory_bytes`], beyond that in an
+//! unlinked spill file under [`ApplierConfig::spill_dir`]. A full capture (the change map is
+//! untrusted after any crash) can preserve up to the whole disk, so memory must not be where
+//! all of it goes. A spill that fails (disk full, I/O error) fails that capture — its restore
+//! point — and never the writer: replication is what protects the source, a restore point can
+//! be taken again (the changes of a failed capture are merged back for the next one).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -115,13 +126,25 @@ pub struct ApplierConfig {
     pub meta_interval: Duration,
     /// Where the change map lives; `None` tracks changes in memory only.
     pub changes_path: Option<PathBuf>,
+    /// Bytes of preserved (copy-on-write) blocks a capture of this disk keeps in memory;
+    /// beyond it they go to a spill file in `spill_dir`.
+    pub capture_memory_bytes: u64,
+    /// Directory of captures' spill files (created when first needed). `None`: a capture
+    /// that needs more than `capture_memory_bytes` fails — the bound holds either way.
+    pub spill_dir: Option<PathBuf>,
 }
+
+/// Default of [`ApplierConfig::capture_memory_bytes`] (the server's
+/// `replication.capture_memory`).
+pub const DEFAULT_CAPTURE_MEMORY: u64 = 64 << 20;
 
 impl Default for ApplierConfig {
     fn default() -> Self {
         ApplierConfig {
             meta_interval: Duration::from_secs(1),
             changes_path: None,
+            capture_memory_bytes: DEFAULT_CAPTURE_MEMORY,
+            spill_dir: None,
         }
     }
 }
@@ -227,7 +250,14 @@ impl ApplierHandle {
     /// resumes (copy-on-write) and the pause stays short. Change tracking restarts relative
     /// to `new_base`.
     pub fn begin_capture(&self, parent: Option<&str>, new_base: &str) -> Arc<Capture> {
-        let size = self.shared.meta.lock().unwrap().size;
+        let (size, spill_path) = {
+            let m = self.shared.meta.lock().unwrap();
+            let name = format!("{}-{}-{new_base}.spill", m.source_id, m.disk_id);
+            (
+                m.size,
+                self.shared.config.spill_dir.as_ref().map(|d| d.join(name)),
+            )
+        };
         let mut changes = self.shared.changes.lock().unwrap();
         let old = std::mem::replace(&mut *changes, ChangeMap::new(size, Some(new_base.into())));
         let full = !old.usable_against(parent);
@@ -242,9 +272,17 @@ impl ApplierHandle {
             full,
             set,
             old,
+            memory_bound: self.shared.config.capture_memory_bytes,
+            spill_path,
             state: Mutex::new(CaptureState {
                 done: vec![false; blocks_for(size) as usize],
                 saved: HashMap::new(),
+                memory: 0,
+                peak_memory: 0,
+                spill: None,
+                spilled: HashMap::new(),
+                spilled_bytes: 0,
+                failed: None,
             }),
         });
         *self.shared.capture.lock().unwrap() = Some(cap.clone());
@@ -252,9 +290,15 @@ impl ApplierHandle {
     }
 
     /// Ends a capture. When the snapshot failed, the changes it was to record are merged back
-    /// so the next snapshot includes them.
+    /// so the next snapshot includes them. The capture's preserved blocks (memory, spill file)
+    /// are freed, and reading it from now on fails: the writer no longer preserves anything
+    /// for it.
     pub fn end_capture(&self, cap: &Capture, ok: bool) {
         self.shared.capture.lock().unwrap().take();
+        cap.state
+            .lock()
+            .unwrap()
+            .fail("the capture has ended".into());
         if !ok {
             let mut changes = self.shared.changes.lock().unwrap();
             let mut restored = cap.old.clone();
@@ -272,12 +316,85 @@ pub struct Capture {
     pub full: bool,
     set: ChangeMap,
     old: ChangeMap,
+    /// Bytes of preserved blocks kept in memory; the rest is spilled.
+    memory_bound: u64,
+    /// The spill file to create when memory is full (`None`: none may be created).
+    spill_path: Option<PathBuf>,
     state: Mutex<CaptureState>,
 }
 
+/// How much a capture holds, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Bytes of preserved blocks now in memory.
+    pub memory_bytes: u64,
+    /// The most `memory_bytes` ever was.
+    pub peak_memory_bytes: u64,
+    /// Bytes ever written to the spill file.
+    pub spilled_bytes: u64,
+}
+
 struct CaptureState {
+    /// Blocks read by the capture or preserved for it: the writer may overwrite them.
     done: Vec<bool>,
+    /// Preserved blocks in memory, `memory` bytes in all (at most the capture's bound).
     saved: HashMap<u64, Vec<u8>>,
+    memory: u64,
+    peak_memory: u64,
+    /// Created at the first block that does not fit in memory; unlinked at once.
+    spill: Option<Spill>,
+    /// Preserved blocks in the spill file: block → (offset, length).
+    spilled: HashMap<u64, (u64, u32)>,
+    spilled_bytes: u64,
+    /// Why the capture can no longer produce its image (a spill failed, or it ended).
+    failed: Option<String>,
+}
+
+struct Spill {
+    file: File,
+    /// Where the next block is appended.
+    end: u64,
+}
+
+impl CaptureState {
+    /// Gives up the capture: frees what it preserved (closing the spill file frees its
+    /// blocks, it has no name) and remembers why. The first reason is kept.
+    fn fail(&mut self, why: String) {
+        self.failed.get_or_insert(why);
+        self.saved = HashMap::new();
+        self.memory = 0;
+        self.spilled = HashMap::new();
+        self.spill = None;
+    }
+}
+
+/// Creates the spill file at `path` and unlinks it at once: its blocks live exactly as long
+/// as the descriptor, so neither a crash nor a forgotten capture leaves one behind.
+fn open_spill(path: Option<&Path>) -> std::io::Result<File> {
+    let path = path.ok_or_else(|| std::io::Error::other("no spill directory is configured"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+    };
+    let file = match open() {
+        // Left by a crash between create and unlink: nobody else can be using it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            open()?
+        }
+        r => r?,
+    };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(file),
+    }
 }
 
 impl Capture {
@@ -298,10 +415,42 @@ impl Capture {
         Ok(buf)
     }
 
-    /// Block `b` as it was when the capture began.
+    /// What the capture holds now.
+    pub fn stats(&self) -> CaptureStats {
+        let st = self.state.lock().unwrap();
+        CaptureStats {
+            memory_bytes: st.memory,
+            peak_memory_bytes: st.peak_memory,
+            spilled_bytes: st.spilled_bytes,
+        }
+    }
+
+    /// Why the capture failed, if it did (or `"the capture has ended"`).
+    pub fn failure(&self) -> Option<String> {
+        self.state.lock().unwrap().failed.clone()
+    }
+
+    /// Block `b` as it was when the capture began. Fails once the capture has failed (a
+    /// spill error: some preserved block is lost) or ended.
     pub fn take(&self, b: u64) -> std::io::Result<Vec<u8>> {
         let mut st = self.state.lock().unwrap();
+        if let Some(why) = &st.failed {
+            return Err(std::io::Error::other(format!("capture failed: {why}")));
+        }
         if let Some(d) = st.saved.remove(&b) {
+            st.memory -= d.len() as u64;
+            return Ok(d);
+        }
+        if let Some((off, len)) = st.spilled.remove(&b) {
+            let spill = st.spill.as_ref().expect("a spilled block has a spill file");
+            let mut d = vec![0u8; len as usize];
+            if let Err(e) = spill.file.read_exact_at(&mut d, off) {
+                let why = format!("reading block {b} back from the spill file: {e}");
+                tracing::error!(error = %why, "restore point capture failed");
+                st.fail(why.clone());
+                return Err(std::io::Error::new(e.kind(), why));
+            }
+            punch_hole(&spill.file, off, len as u64);
             return Ok(d);
         }
         // Read under the lock: the writer cannot overwrite the block meanwhile.
@@ -310,22 +459,77 @@ impl Capture {
         Ok(d)
     }
 
-    /// Called by the writer before it overwrites `len` bytes at `offset`.
+    /// Called by the writer before it overwrites `len` bytes at `offset`. An error is the
+    /// volume's (reading the old contents): a spill failure fails the capture only.
     fn preserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
         if len == 0 || offset >= self.size {
             return Ok(());
         }
         let last = ((offset + len - 1) / BLOCK).min(blocks_for(self.size) - 1);
         let mut st = self.state.lock().unwrap();
+        if st.failed.is_some() {
+            return Ok(()); // nothing to keep for a capture that cannot complete
+        }
         for b in offset / BLOCK..=last {
             if self.set.is_changed(b) && !st.done[b as usize] {
                 let d = self.read_block(b)?;
-                st.saved.insert(b, d);
                 st.done[b as usize] = true;
+                if let Err(e) = self.keep(&mut st, b, d) {
+                    // Decision: a restore point is not worth stopping replication for. The
+                    // block is lost to this capture only; its restore point fails at its next
+                    // read and the writer goes on.
+                    let why = format!("spilling preserved block {b}: {e}");
+                    tracing::error!(error = %why, "restore point capture failed; replication goes on");
+                    st.fail(why);
+                    return Ok(());
+                }
             }
         }
         Ok(())
     }
+
+    /// Keeps preserved block `b`: in memory while that stays within the bound, else appended
+    /// to the spill file.
+    fn keep(&self, st: &mut CaptureState, b: u64, d: Vec<u8>) -> std::io::Result<()> {
+        let n = d.len() as u64;
+        if st.memory + n <= self.memory_bound {
+            st.memory += n;
+            st.peak_memory = st.peak_memory.max(st.memory);
+            st.saved.insert(b, d);
+            return Ok(());
+        }
+        if st.spill.is_none() {
+            let file = open_spill(self.spill_path.as_deref())?;
+            st.spill = Some(Spill { file, end: 0 });
+        }
+        let spill = st.spill.as_mut().expect("just created");
+        let off = spill.end;
+        spill.file.write_all_at(&d, off)?;
+        spill.end += n;
+        st.spilled.insert(b, (off, n as u32));
+        st.spilled_bytes += n;
+        Ok(())
+    }
+}
+
+/// Frees the disk space of a spilled block once read back (best effort: the file is
+/// unlinked and goes away with the capture anyway).
+fn punch_hole(file: &File, off: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor we own; no memory is passed.
+        unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, off, len);
 }
 
 /// A running applier. Submit ops in sequence order; close it to stop.
@@ -678,6 +882,15 @@ mod tests {
         dir: &std::path::Path,
         durable: u64,
     ) -> (Applier, Receiver<ApplierEvent>) {
+        start_with(vol, dir, durable, ApplierConfig::default())
+    }
+
+    fn start_with(
+        vol: Arc<MemVolume>,
+        dir: &std::path::Path,
+        durable: u64,
+        config: ApplierConfig,
+    ) -> (Applier, Receiver<ApplierEvent>) {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let mut meta = DiskMeta::new("s", "d", vol.size(), 512);
@@ -689,6 +902,7 @@ mod tests {
             ApplierConfig {
                 meta_interval: Duration::ZERO,
                 changes_path: Some(dir.join("d.changes")),
+                ..config
             },
             move |e| {
                 let _ = tx.lock().unwrap().send(e);
@@ -1063,5 +1277,201 @@ mod tests {
             "a crash now must mean all changed"
         );
         a.close().unwrap();
+    }
+
+    /// Writes `img` (the marker image) block by block, a marker, and holds there: the caller
+    /// begins a capture and releases marker 1.
+    fn at_marker(a: &Applier, rx: &Receiver<ApplierEvent>, img: &[u8]) -> u64 {
+        let mut seq = 0;
+        for (i, chunk) in img.chunks(BLOCK as usize).enumerate() {
+            seq += 1;
+            a.submit(Op::Write {
+                seq,
+                offset: i as u64 * BLOCK,
+                data: Bytes::copy_from_slice(chunk),
+                guard: None,
+            })
+            .unwrap();
+        }
+        seq += 1;
+        a.submit(Op::Marker {
+            seq,
+            marker_id: 1,
+            guard: None,
+        })
+        .unwrap();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                ApplierEvent::MarkerReached { .. } => return seq,
+                ApplierEvent::Failed { error, .. } => panic!("{error}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Bytes that differ in every block and within it, so a block read from the wrong place
+    /// (another block, another offset of the spill file) cannot pass.
+    fn pattern(len: usize, salt: u64) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| ((i / 4096 * 31 + i * 7 + salt * 101) % 251) as u8)
+            .collect()
+    }
+
+    /// Overwrites every block after the marker with writes, partial writes across block edges
+    /// and a zero range; returns the last sequence.
+    fn overwrite_everything(a: &Applier, mut seq: u64, size: u64) -> u64 {
+        let mut next = |op: Box<dyn FnOnce(u64) -> Op>| {
+            seq += 1;
+            a.submit(op(seq)).unwrap();
+        };
+        // A write straddling blocks 1 and 2, a zero range over blocks 3..=6, then whole blocks.
+        next(Box::new(|seq| Op::Write {
+            seq,
+            offset: 2 * BLOCK - 4096,
+            data: Bytes::from(vec![0xEE; 8192]),
+            guard: None,
+        }));
+        next(Box::new(|seq| Op::Zeroes {
+            seq,
+            offset: 3 * BLOCK + 512,
+            len: 4 * BLOCK - 1024,
+            guard: None,
+        }));
+        for b in 0..blocks_for(size) {
+            let len = (size - b * BLOCK).min(BLOCK) as usize;
+            next(Box::new(move |seq| Op::Write {
+                seq,
+                offset: b * BLOCK,
+                data: Bytes::from(vec![0xAB; len]),
+                guard: None,
+            }));
+        }
+        seq
+    }
+
+    /// A full capture while the writer rewrites the whole disk: preserved blocks beyond the
+    /// memory bound go to the spill file, memory never holds more than the bound, and every
+    /// block read back is the marker image, byte for byte (the last block is a short one).
+    #[test]
+    fn capture_spills_beyond_its_memory_bound_and_reads_back_the_marker_image() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 16 * BLOCK - 3 * 4096;
+        let vol = Arc::new(MemVolume::new(size as usize));
+        let spill_dir = d.path().join("spill");
+        let (a, rx) = start_with(
+            vol.clone(),
+            d.path(),
+            0,
+            ApplierConfig {
+                capture_memory_bytes: 2 * BLOCK,
+                spill_dir: Some(spill_dir.clone()),
+                ..ApplierConfig::default()
+            },
+        );
+        let img = pattern(size as usize, 1);
+        let seq = at_marker(&a, &rx, &img);
+        let h = a.handle();
+        let cap = h.begin_capture(None, "rp-1");
+        assert!(cap.full);
+        h.release_marker(1);
+        // The capture reads one block before the writer goes on: memory it frees is reused.
+        assert_eq!(
+            cap.take(5).unwrap(),
+            img[5 * BLOCK as usize..6 * BLOCK as usize]
+        );
+        let last = overwrite_everything(&a, seq, size);
+        wait_durable(&rx, last);
+        assert!(
+            vol.current().iter().all(|b| *b == 0xAB),
+            "the writer went on"
+        );
+
+        let st = cap.stats();
+        assert!(
+            st.peak_memory_bytes <= 2 * BLOCK,
+            "memory held {} bytes, bound {}",
+            st.peak_memory_bytes,
+            2 * BLOCK
+        );
+        assert!(st.spilled_bytes > 0, "{st:?}");
+        // 16 blocks preserved but one taken before: 2 in memory, the other 13 spilled.
+        assert_eq!(st.spilled_bytes, 13 * BLOCK - 3 * 4096, "{st:?}");
+        assert_eq!(
+            std::fs::read_dir(&spill_dir).unwrap().count(),
+            0,
+            "the spill file has no name"
+        );
+        for b in (0..blocks_for(size)).rev().filter(|b| *b != 5) {
+            let at = (b * BLOCK) as usize;
+            let want = &img[at..(at + BLOCK as usize).min(img.len())];
+            assert!(
+                cap.take(b).unwrap() == want,
+                "block {b} is not the marker image"
+            );
+        }
+        assert_eq!(cap.stats().memory_bytes, 0);
+        assert!(cap.failure().is_none());
+        h.end_capture(&cap, true);
+        assert!(cap.take(0).is_err(), "an ended capture reads nothing");
+        a.close().unwrap();
+    }
+
+    /// Decision: a spill that fails fails its capture (and so its restore point), never the
+    /// writer. Here the spill directory cannot be created (its parent is a file); without a
+    /// spill directory at all, the bound holds the same way.
+    #[test]
+    fn a_failed_spill_fails_the_capture_and_not_the_writer() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("file"), b"").unwrap();
+        for spill_dir in [Some(d.path().join("file").join("spill")), None] {
+            let size = 8 * BLOCK;
+            let vol = Arc::new(MemVolume::new(size as usize));
+            let (a, rx) = start_with(
+                vol.clone(),
+                d.path(),
+                0,
+                ApplierConfig {
+                    capture_memory_bytes: 2 * BLOCK,
+                    spill_dir: spill_dir.clone(),
+                    ..ApplierConfig::default()
+                },
+            );
+            let img = pattern(size as usize, 2);
+            let seq = at_marker(&a, &rx, &img);
+            let h = a.handle();
+            let cap = h.begin_capture(None, "rp-1");
+            h.release_marker(1);
+            let last = overwrite_everything(&a, seq, size);
+            for e in wait_durable(&rx, last) {
+                assert!(!matches!(e, ApplierEvent::Failed { .. }), "{e:?}");
+            }
+            assert!(!h.failed(), "the writer goes on");
+            assert!(vol.current().iter().all(|b| *b == 0xAB));
+            let why = cap.failure().expect("the capture failed");
+            assert!(why.contains("spilling preserved block 3"), "{why}");
+            let e = cap.take(7).unwrap_err();
+            assert!(e.to_string().contains("capture failed"), "{e}");
+            assert_eq!(cap.stats().memory_bytes, 0, "what it held is freed");
+            h.end_capture(&cap, false);
+            // The failed capture's changes go to the next one, which works.
+            a.submit(Op::Marker {
+                seq: last + 1,
+                marker_id: 2,
+                guard: None,
+            })
+            .unwrap();
+            loop {
+                if let ApplierEvent::MarkerReached { .. } =
+                    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+                {
+                    break;
+                }
+            }
+            let cap = h.begin_capture(None, "rp-2");
+            h.release_marker(2);
+            assert!(cap.take(0).unwrap().iter().all(|b| *b == 0xAB));
+            h.end_capture(&cap, true);
+            a.close().unwrap();
+        }
     }
 }
