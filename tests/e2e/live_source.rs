@@ -261,3 +261,84 @@ fn a_device_with_logical_blocks_larger_than_the_block_size() {
     assert!(st.success(), "{}", b.log_text());
     assert_same(&image, &server.volume("big", &disk_id), SIZE);
 }
+
+/// Follow mode on a block device, as root: the kernel reports the writes (tracefs), so a
+/// change reaches the replica although the agent never rereads the disk on its own (the
+/// rescan interval is an hour). Without tracking the change would wait for that hour.
+#[test]
+fn kernel_tracked_writes_reach_the_replica_without_a_rescan() {
+    if !can_run("kernel_tracked_writes_reach_the_replica_without_a_rescan") {
+        return;
+    }
+    const SIZE: u64 = 64 << 20;
+    let d = tempfile::tempdir().unwrap();
+    let image = d.path().join("tracked.img");
+    let mut lo = LoopDevice::attach(&image, SIZE, &[]);
+    lo.mkfs_and_mount(&d.path().join("mnt"));
+    sh("sync", &[]);
+    let server = Server::start(&d.path().join("var"));
+    let token = server.token("trk");
+    let disk_id = lo.dev.file_name().unwrap().to_str().unwrap().to_owned();
+    let vol = server.volume("trk", &disk_id);
+    let agent = Agent::start(
+        &server,
+        "trk",
+        &token,
+        &[&lo.dev],
+        &["--follow", "--rescan-interval", "1h"],
+    );
+    wait_until_or(
+        "the first pass over the device",
+        Duration::from_secs(120),
+        || server.disk_state("trk", &disk_id) == "continuous",
+        || format!("{}\n{}", agent.log_text(), server.log()),
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("follow mode: writes tracked in the kernel"),
+        "{}",
+        agent.log_text()
+    );
+    // The scheduler's first restore point asks the agent to look for changes before its
+    // marker; let it pass first, so only the tracker can bring what is written below.
+    wait_until(
+        "the first scheduled restore point",
+        Duration::from_secs(60),
+        || !server.restore_points().is_empty(),
+    );
+    // Several files through the filesystem, each made durable (fsync + rename, as a database
+    // or a package manager does).
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(77);
+    let mnt = d.path().join("mnt");
+    for i in 0..8 {
+        let mut data = vec![0u8; 256 << 10];
+        rng.fill_bytes(&mut data);
+        let tmp = mnt.join(format!("f{i}.tmp"));
+        std::fs::write(&tmp, &data).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .sync_all()
+            .unwrap();
+        std::fs::rename(&tmp, mnt.join(format!("f{i}"))).unwrap();
+    }
+    sh("sync", &[]);
+    wait_until_or(
+        "the replica to hold the new files (as an O_DIRECT read of the device has them)",
+        Duration::from_secs(60),
+        || replica_matches_device(&vol, &lo.dev, SIZE),
+        || agent.log_text(),
+    );
+    lo.umount();
+    wait_until_or(
+        "the replica to follow the unmount",
+        Duration::from_secs(60),
+        || replica_matches_device(&vol, &lo.dev, SIZE),
+        || agent.log_text(),
+    );
+    drop(agent);
+    lo.detach();
+    assert_same(&image, &vol, SIZE);
+}

@@ -34,6 +34,15 @@ struct Cli {
 enum Command {
     /// Replicate disks to a server: one full pass, or with --follow, continuously.
     Replicate(ReplicateArgs),
+    /// Internal: guards a filesystem freeze from outside the agent, thawing the mount points
+    /// if the agent goes away or the deadline passes (see `freeze::watchdog_main`).
+    #[command(hide = true)]
+    FreezeWatchdog {
+        #[arg(long, value_name = "MS")]
+        deadline_ms: u64,
+        #[arg(value_name = "MOUNTPOINT", required = true)]
+        mounts: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -96,6 +105,11 @@ struct ReplicateArgs {
     /// Do not offer LZ4 compression.
     #[arg(long)]
     no_compress: bool,
+    /// With --follow: do not track writes in the kernel (tracefs); reread every disk each
+    /// --rescan-interval instead. Tracking needs root and a block device; without them the
+    /// agent rescans anyway and says why.
+    #[arg(long)]
+    no_track: bool,
     /// Largest UDP payload (path MTU discovery upper bound).
     #[arg(long, value_name = "BYTES", default_value_t = 6500)]
     max_udp_payload: u16,
@@ -134,6 +148,10 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::FreezeWatchdog {
+            deadline_ms,
+            mounts,
+        } => crate::freeze::watchdog_main(Duration::from_millis(deadline_ms), &mounts),
         Command::Replicate(args) => match replicate_cmd(args) {
             Ok(code) => code,
             Err(e) => match e.downcast_ref::<AgentError>() {
@@ -195,6 +213,7 @@ fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         chunk_size: args.chunk_size,
         window: args.window,
         no_compress: args.no_compress,
+        no_track: args.no_track,
         max_udp_payload: args.max_udp_payload,
         congestion: Some(args.congestion),
         ack_journal: args.ack_journal,
@@ -333,7 +352,9 @@ mod tests {
         assert!(parse(&both).is_err(), "--token and --token-file");
         let mut from_file = no_token.clone();
         from_file.extend(["--token-file", path]);
-        let Command::Replicate(r) = parse(&from_file).unwrap().command;
+        let Command::Replicate(r) = parse(&from_file).unwrap().command else {
+            panic!("not replicate")
+        };
         assert_eq!(r.token, None);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_token_file(&p).unwrap_err().to_string();
@@ -348,7 +369,9 @@ mod tests {
         let mut a = BASE.to_vec();
         assert!(parse(&a).is_err(), "no trust given");
         a.extend(["--server-fingerprint", &fp]);
-        let Command::Replicate(r) = parse(&a).unwrap().command;
+        let Command::Replicate(r) = parse(&a).unwrap().command else {
+            panic!("not replicate")
+        };
         assert_eq!(r.server_fingerprint.as_deref(), Some(fp.as_str()));
         assert_eq!(r.block_size, "512");
         assert_eq!(r.chunk_size, "1MiB");
@@ -377,7 +400,9 @@ mod tests {
             "--ack-journal",
             "/tmp/j",
         ]);
-        let Command::Replicate(r) = parse(&a).unwrap().command;
+        let Command::Replicate(r) = parse(&a).unwrap().command else {
+            panic!("not replicate")
+        };
         assert_eq!(r.disks, vec!["/dev/sda", "/tmp/b.img:data"]);
         assert!(r.follow && r.no_compress);
         assert_eq!(r.congestion, Congestion::Bbr);

@@ -221,6 +221,8 @@ pub struct RawArgs {
     pub congestion: Option<Congestion>,
     pub ack_journal: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
+    /// Follow mode: do not track writes in the kernel, reread the disks every interval.
+    pub no_track: bool,
 }
 
 /// Checked settings of a `replicate` run.
@@ -247,6 +249,9 @@ pub struct Config {
     /// Where a cleanly stopped follow-mode run saves what the next run needs to resume
     /// instead of resyncing (see `persist`).
     pub state_file: Option<PathBuf>,
+    /// Follow mode: track writes to block devices in the kernel (see `track`) where that is
+    /// possible, and reread only what changed.
+    pub track: bool,
 }
 
 /// Smallest and largest accepted `--block-size`.
@@ -359,6 +364,7 @@ impl Config {
             congestion: raw.congestion.unwrap_or(Congestion::Bbr),
             ack_journal: raw.ack_journal,
             state_file: raw.state_file,
+            track: !raw.no_track,
         })
     }
 

@@ -91,13 +91,24 @@ async fn lines(shared: &Shared, shutdown: &mut watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = shutdown_requested(shutdown) => return,
         }
-        for (s, (t, c)) in snapshots(shared).iter().zip(last.iter_mut()) {
+        for (d, (s, (t, c))) in snapshots(shared).iter().zip(last.iter_mut()).enumerate() {
             let now = Instant::now();
             let covered = s.covered();
             let rate = covered.saturating_sub(*c) as f64 / (now - *t).as_secs_f64().max(1e-3);
             *t = now;
             *c = covered;
-            info!("{}", describe(s, rate));
+            if shared.cfg.follow {
+                let tr = &shared.tracking[d];
+                info!(
+                    tracking = tr.mode(),
+                    why = tr.reason().unwrap_or("-"),
+                    read_bytes = shared.bytes_read.load(std::sync::atomic::Ordering::Relaxed),
+                    "{}",
+                    describe(s, rate)
+                );
+            } else {
+                info!("{}", describe(s, rate));
+            }
         }
     }
 }

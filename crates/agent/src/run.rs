@@ -9,7 +9,7 @@
 //! Exit policy: a permanent refusal or an unusable disk ends the run with exit code 2;
 //! anything a reconnect can fix is retried forever.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,92 @@ use crate::plan::{PlannedOp, Planner};
 use crate::report::{self, ProgressMode};
 use crate::session::{self, Link, SessionError};
 use crate::state::{PassKind, Source};
+use crate::track::{DirtyChunks, TrackedDisk, Tracker};
+
+/// Time between follow-mode passes over a disk whose writes the kernel reports: such a pass
+/// reads only the chunks marked dirty, and an empty one costs a scan of the bitmap.
+const TRACKED_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How follow mode finds a disk's changes.
+#[derive(Debug)]
+pub(crate) enum Tracking {
+    /// The kernel marks the chunks written (see [`crate::track`]).
+    Kernel(Arc<DirtyChunks>),
+    /// Every pass rereads the disk and compares chunk hashes; why.
+    Rescan(String),
+}
+
+impl Tracking {
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Tracking::Kernel(_) => "kernel",
+            Tracking::Rescan(_) => "rescan",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Tracking::Kernel(_) => None,
+            Tracking::Rescan(r) => Some(r),
+        }
+    }
+}
+
+/// Starts kernel write tracking for the disks that can have it; says per disk which mode it
+/// is in and why. A restored run (`--state-file`) did not see the writes made while no agent
+/// ran: its tracked disks start with "lost" set, so their first pass rereads everything.
+fn start_tracking(
+    cfg: &Config,
+    disks: &[Arc<SourceDisk>],
+    restored: bool,
+) -> (Option<Tracker>, Vec<Tracking>) {
+    let all = |why: &str| disks.iter().map(|_| Tracking::Rescan(why.into())).collect();
+    if !cfg.follow {
+        return (None, all("not following"));
+    }
+    if !cfg.track {
+        return (None, all("--no-track"));
+    }
+    let mut out: Vec<Tracking> = Vec::with_capacity(disks.len());
+    let mut resolved = Vec::new();
+    let mut index = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        match TrackedDisk::resolve(&d.path) {
+            Ok(t) if !t.request_based => out.push(Tracking::Rescan(
+                "not a request-based device (device mapper, md): the kernel reports its \
+                 writes only at submission"
+                    .into(),
+            )),
+            Ok(t) => {
+                index.push(i);
+                resolved.push(t);
+                out.push(Tracking::Rescan(String::new()));
+            }
+            Err(e) => out.push(Tracking::Rescan(e.to_string())),
+        }
+    }
+    if resolved.is_empty() {
+        return (None, out);
+    }
+    match Tracker::start(&resolved, u64::from(cfg.chunk_size)) {
+        Ok(t) => {
+            for (j, &i) in index.iter().enumerate() {
+                let dirty = t.dirty(j).clone();
+                if restored {
+                    dirty.mark_lost();
+                }
+                out[i] = Tracking::Kernel(dirty);
+            }
+            (Some(t), out)
+        }
+        Err(e) => {
+            for &i in &index {
+                out[i] = Tracking::Rescan(format!("kernel write tracking unavailable: {e}"));
+            }
+            (None, out)
+        }
+    }
+}
 
 pub use crate::report::ProgressMode as Progress;
 
@@ -136,6 +222,14 @@ pub(crate) struct Shared {
     pub hashes: Vec<Mutex<Option<ChunkHashes>>>,
     /// The run was restored from a clean stop: rescan at once for changes made meanwhile.
     pub restored: bool,
+    /// Per disk, how follow mode finds changes.
+    pub tracking: Vec<Tracking>,
+    /// Keeps the tracefs instance alive; says when its reader stopped.
+    pub tracker: Option<Tracker>,
+    /// The tracker's reader stopped: every tracked disk is rescanned from then on.
+    tracker_down: AtomicBool,
+    /// Bytes read from the source disks (read amplification: this over what the source wrote).
+    pub bytes_read: AtomicU64,
 }
 
 impl Shared {
@@ -162,6 +256,35 @@ impl Shared {
             return;
         }
         n.await;
+    }
+
+    /// The dirty set of a disk whose writes the kernel tracks, if it can be trusted for the
+    /// next follow pass. `None`: reread the whole disk (events were lost, the tracker stopped,
+    /// or the disk is not tracked); the dirty bits are cleared first, since that pass reads
+    /// everything and what is written during it is marked again.
+    fn trusted_dirty(&self, disk: usize) -> Option<Arc<DirtyChunks>> {
+        let Tracking::Kernel(d) = &self.tracking[disk] else {
+            return None;
+        };
+        if let Some(why) = self.tracker.as_ref().and_then(Tracker::stopped) {
+            if !self.tracker_down.swap(true, Ordering::AcqRel) {
+                warn!(%why, "kernel write tracking stopped: rescanning every disk from now on");
+            }
+            return None;
+        }
+        if d.take_lost() {
+            warn!(disk = %self.disks[disk].id, reason = self.tracker.as_ref().and_then(Tracker::reason).unwrap_or_default(),
+                "write events were lost (or the run was restored): rereading the whole disk once");
+            d.take_all();
+            return None;
+        }
+        Some(d.clone())
+    }
+
+    /// Whether the next follow pass of `disk` will read only what the kernel marked.
+    fn kernel_tracked(&self, disk: usize) -> bool {
+        matches!(self.tracking[disk], Tracking::Kernel(_))
+            && !self.tracker_down.load(Ordering::Acquire)
     }
 
     /// Gives window bytes back to the readers.
@@ -241,10 +364,24 @@ pub async fn replicate_until(
             }))
         })
         .collect();
+    let (tracker, tracking) = start_tracking(&cfg, &disks, saved.is_some());
+    for (d, t) in disks.iter().zip(&tracking) {
+        match t.reason() {
+            None => info!(disk = %d.id, "follow mode: writes tracked in the kernel (tracefs)"),
+            Some(why) if cfg.follow => {
+                info!(disk = %d.id, %why, "follow mode: rescanning every --rescan-interval")
+            }
+            Some(_) => {}
+        }
+    }
     let shared = Arc::new(Shared {
         source: Mutex::new(source),
         hashes,
         restored: saved.is_some(),
+        tracking,
+        tracker,
+        tracker_down: AtomicBool::new(false),
+        bytes_read: AtomicU64::new(0),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),
@@ -645,7 +782,12 @@ async fn producer(
                     info!(disk = %id, pass = kind.as_str(), "full pass read to the end");
                 }
                 if cfg.follow {
-                    next_rescan = Some(tokio::time::Instant::now() + cfg.rescan_interval);
+                    let every = if shared.kernel_tracked(disk) {
+                        TRACKED_INTERVAL.min(cfg.rescan_interval)
+                    } else {
+                        cfg.rescan_interval
+                    };
+                    next_rescan = Some(tokio::time::Instant::now() + every);
                 }
                 shared.progress_now.notify_one();
                 shared.changed.notify_one();
@@ -694,8 +836,17 @@ fn pass_loop(
         let Some(t) = hashes else {
             return Ok(PassEnd::Done);
         };
-        rescan(shared, rt, disk, gen, unit, &mut planner, &mut ops, t)?
+        match shared.trusted_dirty(disk) {
+            Some(dirty) => {
+                tracked_rescan(shared, rt, disk, gen, &mut planner, &mut ops, t, &dirty)?
+            }
+            None => rescan(shared, rt, disk, gen, unit, &mut planner, &mut ops, t)?,
+        }
     } else {
+        // A full pass reads everything: marks made before it are moot.
+        if let Tracking::Kernel(d) = &shared.tracking[disk] {
+            d.take_all();
+        }
         full_pass(shared, rt, disk, gen, unit, &mut planner, &mut ops, hashes)?
     };
     if let Some(e) = end {
@@ -772,6 +923,7 @@ fn full_pass(
             shared.release_window(len);
             return Err(e);
         }
+        shared.bytes_read.fetch_add(len, Ordering::Relaxed);
         let data = Bytes::from(buf);
         if let Some(t) = hashes.as_deref_mut() {
             for (i, c) in data.chunks(chunk as usize).enumerate() {
@@ -828,6 +980,7 @@ fn rescan(
         let len = unit.min(src.size - offset);
         let buf = &mut scratch[..len as usize];
         src.read_at(buf, offset)?;
+        shared.bytes_read.fetch_add(len, Ordering::Relaxed);
         for (i, c) in buf.chunks(chunk as usize).enumerate() {
             let coff = offset + i as u64 * chunk;
             let h = ChunkHashes::hash(c);
@@ -856,6 +1009,79 @@ fn rescan(
             shared.send_wake[disk].notify_one();
         }
         offset += len;
+    }
+    Ok(None)
+}
+
+/// Follow mode on a tracked disk: reads only the chunks the kernel marked written since the
+/// last pass, and sends those whose hash moved. Each chunk's mark is cleared before it is read
+/// (a write landing after the read marks it again); chunks taken but not read because the
+/// pass ended early are marked again, so nothing taken is ever forgotten.
+#[allow(clippy::too_many_arguments)]
+fn tracked_rescan(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    disk: usize,
+    gen: u64,
+    planner: &mut Planner,
+    ops: &mut Vec<PlannedOp>,
+    hashes: &mut ChunkHashes,
+    dirty: &DirtyChunks,
+) -> Result<Option<PassEnd>, DiskError> {
+    let src = &shared.disks[disk];
+    let chunk = u64::from(shared.cfg.chunk_size);
+    let taken = dirty.take_all();
+    let mut scratch = vec![0u8; chunk as usize];
+    let remark = |from: usize| {
+        for &c in &taken[from..] {
+            dirty.mark(c..c + 1);
+        }
+    };
+    for (i, &c) in taken.iter().enumerate() {
+        let coff = c * chunk;
+        if coff >= src.size {
+            continue;
+        }
+        if shared.stopped() {
+            remark(i);
+            return Ok(Some(PassEnd::Stopped));
+        }
+        if !shared.lock().is_current(disk, gen) {
+            remark(i);
+            return Ok(Some(PassEnd::Stale));
+        }
+        let clen = chunk.min(src.size - coff);
+        let buf = &mut scratch[..clen as usize];
+        if let Err(e) = src.read_at(buf, coff) {
+            remark(i);
+            return Err(e);
+        }
+        shared.bytes_read.fetch_add(clen, Ordering::Relaxed);
+        let h = ChunkHashes::hash(buf);
+        if !hashes.changed(coff, h) {
+            continue;
+        }
+        if take_window(shared, rt, clen).is_none() {
+            remark(i);
+            return Ok(Some(PassEnd::Stopped));
+        }
+        let data = Bytes::copy_from_slice(buf);
+        let mut extra = 0;
+        if planner.chunk(coff, &data, max_write(shared), ops) {
+            let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
+            extra = clen.saturating_sub(sent);
+        }
+        let r = shared.lock().enqueue(disk, gen, ops, extra, coff + clen);
+        match r {
+            Ok(charged) => shared.release_window(clen.saturating_sub(charged)),
+            Err(_) => {
+                shared.release_window(clen);
+                remark(i);
+                return Ok(Some(PassEnd::Stale));
+            }
+        }
+        hashes.record(coff, h);
+        shared.send_wake[disk].notify_one();
     }
     Ok(None)
 }
