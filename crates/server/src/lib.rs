@@ -172,6 +172,11 @@ impl Inner {
                 .with_label_values(&l)
                 .set(st.replicated_bytes as i64);
         }
+        m.capture_memory_bytes
+            .set(slipway_store::applier::capture_memory_bytes() as i64);
+        let spilled = slipway_store::applier::capture_spilled_bytes_total();
+        m.capture_spilled_bytes
+            .inc_by(spilled.saturating_sub(m.capture_spilled_bytes.get()));
         if let Some((used, limit)) = self.volumes.attachment_slots() {
             m.attachment_slots
                 .with_label_values(&["used"])

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub disk_size_bytes: IntGaugeVec,
     pub replicated_bytes: IntGaugeVec,
     pub queued_bytes: IntGauge,
+    /// Copy-on-write blocks of restore point captures: in memory now, and ever spilled to
+    /// disk (both refreshed from the store at scrape time).
+    pub capture_memory_bytes: IntGauge,
+    pub capture_spilled_bytes: IntCounter,
     /// EBS attachment slots (`used`, `limit`); only on a backend with such a limit.
     pub attachment_slots: IntGaugeVec,
     pub restore_points: RestorePointMetrics,
@@ -263,6 +267,22 @@ impl Metrics {
                 IntGauge::new(
                     "slipway_queued_bytes",
                     "Write payload bytes received and not yet handed to a volume (bounded by replication.memory_limit).",
+                )
+                .unwrap(),
+            ),
+            capture_memory_bytes: reg(
+                &r,
+                IntGauge::new(
+                    "slipway_capture_memory_bytes",
+                    "Bytes of blocks restore point captures preserved in memory before the writer overwrote them (at most replication.capture_memory per disk being captured).",
+                )
+                .unwrap(),
+            ),
+            capture_spilled_bytes: reg(
+                &r,
+                IntCounter::new(
+                    "slipway_capture_spilled_bytes_total",
+                    "Bytes of preserved blocks restore point captures wrote to spill files (DATA_DIR/spill) beyond replication.capture_memory.",
                 )
                 .unwrap(),
             ),

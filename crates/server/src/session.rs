@@ -707,6 +707,8 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
     let vol: Arc<dyn Volume> = Arc::new(vol);
     let config = ApplierConfig {
         changes_path: Some(inner.changes_path(&c.source, &d.disk_id)),
+        capture_memory_bytes: inner.settings.capture_memory_bytes,
+        spill_dir: Some(inner.settings.data_dir.join("spill")),
         ..ApplierConfig::default()
     };
     let meta2 = meta.clone();

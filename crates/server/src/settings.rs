@@ -80,6 +80,7 @@ pub struct RawReplication {
     pub stall_after: Option<String>,
     pub frame_timeout: Option<String>,
     pub max_disks_per_connection: Option<u32>,
+    pub capture_memory: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -138,6 +139,9 @@ pub struct Settings {
     /// Once a frame's first byte has arrived, all of it must within this.
     pub frame_timeout: Duration,
     pub max_disks_per_connection: u32,
+    /// Per disk being captured for a restore point: bytes of copy-on-write blocks kept in
+    /// memory before they spill to `data_dir/spill`.
+    pub capture_memory_bytes: u64,
     pub tuning: Tuning,
     pub pit: slipway_pit::PitPolicy,
 }
@@ -326,6 +330,12 @@ impl Settings {
             ));
         }
 
+        let capture_memory = size(
+            "replication.capture_memory",
+            r.capture_memory.as_ref(),
+            "64MiB",
+        )?;
+
         let q = &raw.quic;
         let d = Tuning::default();
         let max_udp_payload = q.max_udp_payload.unwrap_or(d.max_udp_payload);
@@ -395,6 +405,7 @@ impl Settings {
             stall_after,
             frame_timeout,
             max_disks_per_connection: max_disks,
+            capture_memory_bytes: capture_memory,
             tuning,
             pit,
         })
@@ -445,6 +456,10 @@ mod tests {
         assert_eq!(s.bandwidth_bytes_per_sec, 0);
         assert!(s.compression);
         assert_eq!(s.frame_timeout, slipway_net::MID_FRAME_TIMEOUT);
+        assert_eq!(
+            s.capture_memory_bytes,
+            slipway_store::applier::DEFAULT_CAPTURE_MEMORY
+        );
     }
 
     #[test]
@@ -456,6 +471,7 @@ mod tests {
             [replication]
             bandwidth_mbps = 100
             compression = false
+            capture_memory = "4MiB"
             [quic]
             congestion = "bbr"
             stream_window = "8MiB"
@@ -468,6 +484,7 @@ mod tests {
         assert_eq!(s.tuning.congestion, Congestion::Bbr);
         assert_eq!(s.tuning.stream_window, 8 << 20);
         assert!(!s.compression);
+        assert_eq!(s.capture_memory_bytes, 4 << 20);
     }
 
     #[test]
@@ -522,6 +539,11 @@ mod tests {
 
         let e = load("[tls]\ncert = \"/x.pem\"\n").unwrap_err().to_string();
         assert!(e.contains("tls.key"), "{e}");
+
+        let e = load("[replication]\ncapture_memory = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `replication.capture_memory`"), "{e}");
 
         let e = load("[pit]\ntiers = []\n").unwrap_err().to_string();
         assert!(e.contains("key `pit`"), "{e}");

@@ -38,6 +38,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -334,6 +335,21 @@ pub struct CaptureStats {
     pub spilled_bytes: u64,
 }
 
+/// Preserved bytes in memory over all captures of the process, and bytes ever spilled: the
+/// server's metrics read them at scrape time.
+static MEMORY_ALL: AtomicU64 = AtomicU64::new(0);
+static SPILLED_ALL: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of preserved blocks all captures of this process hold in memory now.
+pub fn capture_memory_bytes() -> u64 {
+    MEMORY_ALL.load(Ordering::Relaxed)
+}
+
+/// Bytes all captures of this process ever wrote to spill files.
+pub fn capture_spilled_bytes_total() -> u64 {
+    SPILLED_ALL.load(Ordering::Relaxed)
+}
+
 struct CaptureState {
     /// Blocks read by the capture or preserved for it: the writer may overwrite them.
     done: Vec<bool>,
@@ -362,9 +378,15 @@ impl CaptureState {
     fn fail(&mut self, why: String) {
         self.failed.get_or_insert(why);
         self.saved = HashMap::new();
-        self.memory = 0;
+        MEMORY_ALL.fetch_sub(std::mem::take(&mut self.memory), Ordering::Relaxed);
         self.spilled = HashMap::new();
         self.spill = None;
+    }
+}
+
+impl Drop for CaptureState {
+    fn drop(&mut self) {
+        MEMORY_ALL.fetch_sub(self.memory, Ordering::Relaxed);
     }
 }
 
@@ -439,6 +461,7 @@ impl Capture {
         }
         if let Some(d) = st.saved.remove(&b) {
             st.memory -= d.len() as u64;
+            MEMORY_ALL.fetch_sub(d.len() as u64, Ordering::Relaxed);
             return Ok(d);
         }
         if let Some((off, len)) = st.spilled.remove(&b) {
@@ -494,6 +517,7 @@ impl Capture {
         let n = d.len() as u64;
         if st.memory + n <= self.memory_bound {
             st.memory += n;
+            MEMORY_ALL.fetch_add(n, Ordering::Relaxed);
             st.peak_memory = st.peak_memory.max(st.memory);
             st.saved.insert(b, d);
             return Ok(());
@@ -508,6 +532,7 @@ impl Capture {
         spill.end += n;
         st.spilled.insert(b, (off, n as u32));
         st.spilled_bytes += n;
+        SPILLED_ALL.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -802,7 +827,9 @@ fn flusher_loop(s: Arc<Shared>) {
         drop(st);
 
         let t = Instant::now();
-        if writes > 0 {
+        // `skip-fdatasync`: a deliberately broken build for the power-cut harness
+        // (tests/e2e/powercut.rs), which must catch it losing acknowledged writes.
+        if writes > 0 && !crate::failpoint_active("skip-fdatasync") {
             if let Err(e) = s.vol.flush() {
                 fail(&s, target, &e);
                 return;
