@@ -30,6 +30,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup: the size of the replicate arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Replicate disks to a server: one full pass, or with --follow, continuously.

@@ -13,6 +13,7 @@ pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod disk;
+pub mod freeze;
 pub mod journal;
 pub mod persist;
 pub mod plan;
