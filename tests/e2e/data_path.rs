@@ -378,3 +378,70 @@ fn a_completed_pass_is_recorded_before_its_last_ack() {
     );
     assert_same(&src, &server.volume("rec", "r.img"), 4 << 20);
 }
+
+/// The volume under a disk's metadata is replaced by an older copy while nothing runs (a
+/// restore from a backup, a swapped file). A resumed agent run would otherwise be trusted to
+/// be where the metadata says and send only what changed since its save: the server must see
+/// that the volume is not the one its metadata describes and resynchronise the disk.
+#[test]
+fn a_volume_older_than_its_metadata_is_resynchronised_not_trusted() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let var = d.path().join("var");
+    let mut server = Server::start(&var);
+    let src = d.path().join("disk.img");
+    let size: u64 = 8 << 20;
+    make_disk(&src, size, 41);
+    let token = server.token("stamp");
+    let state = d.path().join("agent.state");
+    let args = [
+        "--follow",
+        "--rescan-interval",
+        "1s",
+        "--state-file",
+        state.to_str().unwrap(),
+    ];
+    let vol = server.volume("stamp", "disk.img");
+    let mut a = Agent::start(&server, "stamp", &token, &[&src], &args);
+    wait_until_or(
+        "the first sync",
+        Duration::from_secs(120),
+        || server.disk_state("stamp", "disk.img") == "continuous" && holds_prefix(&vol, &src),
+        || a.log_text(),
+    );
+    // An older copy of the volume (no stamp: a plain copy of its bytes).
+    let older = d.path().join("older.raw");
+    std::fs::copy(&vol, &older).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&vec![0x6bu8; 1 << 20], 2 << 20).unwrap();
+    f.sync_all().unwrap();
+    wait_until_or(
+        "the change",
+        Duration::from_secs(60),
+        || holds_prefix(&vol, &src),
+        || a.log_text(),
+    );
+    sh("kill", &["-TERM", &a.child.id().to_string()]);
+    assert!(
+        a.wait(Duration::from_secs(30)).success(),
+        "{}",
+        a.log_text()
+    );
+    assert!(a.log_text().contains("saved the run"), "{}", a.log_text());
+    server.terminate(Duration::from_secs(30));
+    std::fs::rename(&older, &vol).unwrap();
+    server.restart();
+
+    let b = Agent::start(&server, "stamp", &token, &[&src], &args);
+    wait_until_or(
+        "the replica to equal the source again",
+        Duration::from_secs(60),
+        || holds_prefix(&vol, &src),
+        || format!("{}\n{}", b.log_text(), server.log()),
+    );
+    assert!(
+        server.log().contains("does not match its metadata"),
+        "{}",
+        server.log()
+    );
+}

@@ -573,6 +573,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
     let mp = meta_path.clone();
     let vpath = vh.path.clone();
     let created = vh.created;
+    let changes_path = inner.changes_path(&c.source, &d.disk_id);
     let opened = tokio::task::spawn_blocking(move || -> Result<_, ErrorFrame> {
         let internal = |e: slipway_store::StoreError| {
             ErrorFrame::new(
@@ -592,7 +593,29 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 expected: dd.size,
             }));
         }
+        // Is this the volume the metadata describes? A swapped volume, or one restored from
+        // an older copy, must not be trusted to hold what the metadata says: resynchronise.
+        let distrust = match existing.as_ref().and_then(|m| m.volume_stamp.as_ref()) {
+            Some(want) if !created => want.mismatch(vol.read_stamp().map_err(internal)?.as_ref()),
+            _ => None,
+        };
+        if let Some(why) = &distrust {
+            tracing::warn!(source = %source, disk = %dd.disk_id, volume = %vpath.display(), %why,
+                "the volume does not match its metadata: resynchronising the disk");
+            // Nor can its change map be trusted: the next restore point reads every block.
+            match std::fs::remove_file(&changes_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(internal(slipway_store::StoreError::Io {
+                        what: format!("removing {}", changes_path.display()),
+                        source: e,
+                    }))
+                }
+            }
+        }
         let (resume, mut meta) = match existing {
+            Some(m) if distrust.is_some() => (ResumeKind::Resync, m),
             Some(m) if !created && m.agent_run == run => (ResumeKind::Resume, m),
             Some(m) if !created => (ResumeKind::Resync, m),
             _ if created => (
@@ -613,8 +636,14 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
             meta.synced = false;
             meta.replicated_bytes = 0;
             meta.state = "initiating".into();
-            meta.store(&mp).map_err(internal)?;
         }
+        // Stamp the volume (durably) before the metadata that expects the stamp.
+        let stamp = match (&meta.volume_stamp, &distrust) {
+            (Some(s), None) => s.next(),
+            _ => slipway_store::meta::VolumeStamp::fresh(),
+        };
+        meta.volume_stamp = vol.write_stamp(&stamp).map_err(internal)?.then_some(stamp);
+        meta.store(&mp).map_err(internal)?;
         Ok((vol, meta, resume))
     })
     .await

@@ -40,6 +40,72 @@ pub struct DiskMeta {
     pub state: String,
     /// Wall-clock time of the last update, Unix milliseconds.
     pub updated_unix_ms: u64,
+    /// The stamp this metadata expects on its volume (see [`VolumeStamp`]); `None` before
+    /// the first open that could stamp it, or where stamps cannot be kept (block devices).
+    #[serde(default)]
+    pub volume_stamp: Option<VolumeStamp>,
+}
+
+/// Ties a volume to its metadata, so a volume that is not the one the metadata describes
+/// (swapped, restored from a backup or an older copy) is noticed instead of trusted.
+///
+/// `id` is random, drawn when the volume is first stamped; `generation` goes up by one at
+/// every open of the disk. The stamp is written to the volume (durably) *before* the metadata
+/// that records it, so a volume's generation is never below its metadata's: a lower one, a
+/// different id, or no stamp where the metadata expects one means the volume is older than,
+/// or other than, what the metadata says, and the server resynchronises the disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeStamp {
+    pub id: String,
+    pub generation: u64,
+}
+
+impl VolumeStamp {
+    /// A stamp for a volume that has none yet.
+    pub fn fresh() -> Self {
+        VolumeStamp {
+            id: format!("{:032x}", rand::random::<u128>()),
+            generation: 1,
+        }
+    }
+
+    /// The stamp for the next open.
+    pub fn next(&self) -> Self {
+        VolumeStamp {
+            id: self.id.clone(),
+            generation: self.generation + 1,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        format!("{}:{}", self.id, self.generation).into_bytes()
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(b).ok()?;
+        let (id, generation) = s.split_once(':')?;
+        Some(VolumeStamp {
+            id: id.to_string(),
+            generation: generation.parse().ok()?,
+        })
+    }
+
+    /// Why a volume carrying `found` is not the one metadata expecting `self` describes.
+    pub fn mismatch(&self, found: Option<&VolumeStamp>) -> Option<String> {
+        match found {
+            None => Some("the volume carries no stamp".into()),
+            Some(f) if f.id != self.id => Some(format!(
+                "the volume's stamp {} is not the {} its metadata expects",
+                f.id, self.id
+            )),
+            Some(f) if f.generation < self.generation => Some(format!(
+                "the volume is older than its metadata (generation {} < {})",
+                f.generation, self.generation
+            )),
+            Some(_) => None,
+        }
+    }
 }
 
 impl DiskMeta {
@@ -57,6 +123,7 @@ impl DiskMeta {
             replicated_bytes: 0,
             state: "initiating".into(),
             updated_unix_ms: now_ms(),
+            volume_stamp: None,
         }
     }
 
@@ -114,5 +181,30 @@ mod tests {
             DiskMeta::load(&p),
             Err(StoreError::CorruptMeta { .. })
         ));
+        // Metadata written before stamps existed still loads (no stamp expected).
+        std::fs::write(
+            &p,
+            br#"{"format":1,"source_id":"s","disk_id":"d","size":512,"block_size":512,"agent_run":1,"durable_seq":2,"pass_seq":0,"synced":false,"replicated_bytes":0,"state":"x","updated_unix_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(DiskMeta::load(&p).unwrap().unwrap().volume_stamp, None);
+    }
+
+    #[test]
+    fn a_stamp_tells_an_older_or_other_volume() {
+        let s = VolumeStamp::fresh();
+        let n = s.next();
+        assert_eq!(VolumeStamp::decode(&n.encode()), Some(n.clone()));
+        assert_eq!(n.mismatch(Some(&n)), None);
+        assert_eq!(
+            s.mismatch(Some(&n)),
+            None,
+            "a volume may be ahead of its metadata"
+        );
+        assert!(n.mismatch(Some(&s)).unwrap().contains("older"));
+        assert!(n.mismatch(None).unwrap().contains("no stamp"));
+        let other = VolumeStamp::fresh();
+        assert!(n.mismatch(Some(&other)).unwrap().contains("not the"));
+        assert_eq!(VolumeStamp::decode(b"garbage"), None);
     }
 }

@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::fsutil::{create_dir_all_durable, fsync_dir};
+use crate::meta::VolumeStamp;
 use crate::StoreError;
+
+/// The extended attribute that holds a file volume's stamp.
+const STAMP_XATTR: &std::ffi::CStr = c"user.slipway.stamp";
 
 /// A block volume with explicit durability.
 pub trait Volume: Send + Sync + 'static {
@@ -123,6 +127,71 @@ impl FileVolume {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the volume is a block device (an attached EBS volume) rather than a file.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// The volume's stamp (see [`crate::meta::VolumeStamp`]): `Ok(None)` when it has none.
+    /// Stamps live in an extended attribute of a file volume; a block device has none
+    /// (`Ok(None)`), and neither does a file on a filesystem without user xattrs.
+    pub fn read_stamp(&self) -> Result<Option<VolumeStamp>, StoreError> {
+        if self.block_device {
+            return Ok(None);
+        }
+        let mut buf = [0u8; 128];
+        // SAFETY: the fd is open for the call; the name is NUL-terminated; buf is valid for
+        // buf.len() bytes and the kernel writes at most that many.
+        let n = unsafe {
+            libc::fgetxattr(
+                self.file.as_raw_fd(),
+                STAMP_XATTR.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENODATA) | Some(libc::ENOTSUP) => Ok(None),
+                _ => Err(StoreError::io(format!(
+                    "reading the stamp of volume {}",
+                    self.path.display()
+                ))(e)),
+            };
+        }
+        Ok(VolumeStamp::decode(&buf[..n as usize]))
+    }
+
+    /// Writes `stamp` to the volume durably (xattr, then fsync). `Ok(false)` where stamps
+    /// cannot be kept (a block device, a filesystem without user xattrs).
+    pub fn write_stamp(&self, stamp: &VolumeStamp) -> Result<bool, StoreError> {
+        if self.block_device {
+            return Ok(false);
+        }
+        let v = stamp.encode();
+        // SAFETY: the fd is open; the name is NUL-terminated; v is valid for v.len() bytes.
+        let r = unsafe {
+            libc::fsetxattr(
+                self.file.as_raw_fd(),
+                STAMP_XATTR.as_ptr(),
+                v.as_ptr().cast(),
+                v.len(),
+                0,
+            )
+        };
+        let what = || format!("stamping volume {}", self.path.display());
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOTSUP) {
+                return Ok(false);
+            }
+            return Err(StoreError::io(what())(e));
+        }
+        self.file.sync_all().map_err(StoreError::io(what()))?;
+        Ok(true)
     }
 
     fn zero_by_writing(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -348,6 +417,26 @@ impl Volume for MemVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_volume_keeps_its_stamp_durably() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("v.raw");
+        let (v, _) = FileVolume::open_or_create(&p, 1 << 20).unwrap();
+        assert_eq!(v.read_stamp().unwrap(), None);
+        let s = VolumeStamp::fresh();
+        if !v.write_stamp(&s).unwrap() {
+            eprintln!("skipped: this filesystem keeps no user xattrs");
+            return;
+        }
+        drop(v);
+        let v = FileVolume::open(&p).unwrap();
+        assert_eq!(v.read_stamp().unwrap(), Some(s));
+        // A copy of the bytes is not the volume.
+        let copy = d.path().join("copy.raw");
+        std::fs::copy(&p, &copy).unwrap();
+        assert_eq!(FileVolume::open(&copy).unwrap().read_stamp().unwrap(), None);
+    }
 
     #[test]
     fn file_volume_create_write_zero_reopen() {
