@@ -6,6 +6,7 @@ mod aws_backend;
 mod data_path;
 #[cfg(feature = "aws")]
 mod fleet_switch;
+mod freeze;
 mod live_source;
 mod network;
 mod pit_sim;
