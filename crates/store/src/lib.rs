@@ -48,6 +48,12 @@ pub fn failpoint_pause(name: &str) {
     }
 }
 
+/// Crash-test hook: whether `SLIPWAY_FAILPOINT` equals `name` (for a failpoint that changes
+/// behaviour instead of aborting or pausing, e.g. `skip-fdatasync`).
+pub fn failpoint_active(name: &str) -> bool {
+    armed() == Some(name)
+}
+
 fn armed() -> Option<&'static str> {
     static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     ARMED
