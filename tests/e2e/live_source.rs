@@ -342,3 +342,70 @@ fn kernel_tracked_writes_reach_the_replica_without_a_rescan() {
     lo.detach();
     assert_same(&image, &vol, SIZE);
 }
+
+/// A restore point of a followed, mounted block device is taken with its filesystem frozen
+/// (a short, bounded freeze, reported by the agent), and the exported point is a filesystem
+/// that needs no repair.
+#[test]
+fn a_restore_point_of_a_mounted_device_freezes_it_briefly() {
+    if !can_run("a_restore_point_of_a_mounted_device_freezes_it_briefly") {
+        return;
+    }
+    const SIZE: u64 = 64 << 20;
+    let d = tempfile::tempdir().unwrap();
+    let image = d.path().join("frz.img");
+    let mut lo = LoopDevice::attach(&image, SIZE, &[]);
+    lo.mkfs_and_mount(&d.path().join("mnt"));
+    let server = Server::start(&d.path().join("var"));
+    let token = server.token("frz");
+    let disk_id = lo.dev.file_name().unwrap().to_str().unwrap().to_owned();
+    let agent = Agent::start(
+        &server,
+        "frz",
+        &token,
+        &[&lo.dev],
+        &["--follow", "--rescan-interval", "1s"],
+    );
+    wait_until_or(
+        "the first pass",
+        Duration::from_secs(120),
+        || server.disk_state("frz", &disk_id) == "continuous",
+        || agent.log_text(),
+    );
+    // Dirty data in the page cache when the point is asked for: the freeze must flush it.
+    std::fs::write(
+        d.path().join("mnt").join("dirty.bin"),
+        vec![0x42u8; 3 << 20],
+    )
+    .unwrap();
+    let rp = server.create_restore_point("frz");
+    let log = agent.log_text();
+    assert!(
+        log.contains("filesystems frozen: one instant"),
+        "the marker was placed under a freeze:\n{log}"
+    );
+    let out = d.path().join("rp.img");
+    server.export(&rp, &disk_id, &out);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn of the exported point: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    // The file was only in the page cache when the point was asked for: the freeze wrote it.
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /dirty.bin", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        cat.stdout.len() == 3 << 20 && cat.stdout.iter().all(|&b| b == 0x42),
+        "the point holds the file written before it was asked for ({} bytes read): {}",
+        cat.stdout.len(),
+        String::from_utf8_lossy(&cat.stderr)
+    );
+    drop(agent);
+}

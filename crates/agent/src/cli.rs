@@ -112,6 +112,20 @@ struct ReplicateArgs {
     /// agent rescans anyway and says why.
     #[arg(long)]
     no_track: bool,
+    /// With --follow: do not freeze the filesystems mounted from the source disks while a
+    /// consistency marker is placed (restore points are then crash-consistent only if the
+    /// source is idle). Freezing needs root and block devices.
+    #[arg(long)]
+    no_freeze: bool,
+    /// Longest a freeze may last; thawed after it whatever happens.
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    max_freeze: String,
+    /// Script run before each freeze (e.g. to flush a database); a failure skips the freeze.
+    #[arg(long, value_name = "PATH")]
+    freeze_pre_hook: Option<PathBuf>,
+    /// Script run after each thaw, whatever happened.
+    #[arg(long, value_name = "PATH")]
+    freeze_post_hook: Option<PathBuf>,
     /// Largest UDP payload (path MTU discovery upper bound).
     #[arg(long, value_name = "BYTES", default_value_t = 6500)]
     max_udp_payload: u16,
@@ -216,6 +230,10 @@ fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         window: args.window,
         no_compress: args.no_compress,
         no_track: args.no_track,
+        no_freeze: args.no_freeze,
+        max_freeze: Some(args.max_freeze),
+        freeze_pre_hook: args.freeze_pre_hook,
+        freeze_post_hook: args.freeze_post_hook,
         max_udp_payload: args.max_udp_payload,
         congestion: Some(args.congestion),
         ack_journal: args.ack_journal,

@@ -223,6 +223,12 @@ pub struct RawArgs {
     pub state_file: Option<PathBuf>,
     /// Follow mode: do not track writes in the kernel, reread the disks every interval.
     pub no_track: bool,
+    /// Follow mode: do not freeze the source's filesystems around a consistency marker.
+    pub no_freeze: bool,
+    /// Longest freeze (default 1 s).
+    pub max_freeze: Option<String>,
+    pub freeze_pre_hook: Option<PathBuf>,
+    pub freeze_post_hook: Option<PathBuf>,
 }
 
 /// Checked settings of a `replicate` run.
@@ -252,6 +258,14 @@ pub struct Config {
     /// Follow mode: track writes to block devices in the kernel (see `track`) where that is
     /// possible, and reread only what changed.
     pub track: bool,
+    /// Follow mode: freeze the filesystems mounted from the source disks while a consistency
+    /// marker is placed (see `freeze`), so a restore point is one instant across them.
+    pub freeze: bool,
+    /// A freeze is thawed after this long whatever happens (the point is then best-effort).
+    pub max_freeze: Duration,
+    /// Scripts run before the freeze and after the thaw (application consistency).
+    pub freeze_pre_hook: Option<PathBuf>,
+    pub freeze_post_hook: Option<PathBuf>,
 }
 
 /// Smallest and largest accepted `--block-size`.
@@ -316,6 +330,16 @@ impl Config {
             });
         }
         let rescan_interval = parse_duration("rescan-interval", &raw.rescan_interval)?;
+        let max_freeze = match &raw.max_freeze {
+            Some(s) => parse_duration("max-freeze", s)?,
+            None => Duration::from_secs(1),
+        };
+        if max_freeze.is_zero() || max_freeze > Duration::from_secs(60) {
+            return Err(ConfigError::OutOfRange {
+                flag: "max-freeze",
+                reason: "must be more than 0 and at most 60s (writers on the source wait)".into(),
+            });
+        }
         if rescan_interval.is_zero() {
             return Err(ConfigError::OutOfRange {
                 flag: "rescan-interval",
@@ -365,6 +389,10 @@ impl Config {
             ack_journal: raw.ack_journal,
             state_file: raw.state_file,
             track: !raw.no_track,
+            freeze: !raw.no_freeze,
+            max_freeze,
+            freeze_pre_hook: raw.freeze_pre_hook,
+            freeze_post_hook: raw.freeze_post_hook,
         })
     }
 

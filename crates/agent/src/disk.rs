@@ -239,6 +239,11 @@ impl SourceDisk {
     /// Fills `buf` from `offset`. A disk that ends early (it shrank) is an error. On a block
     /// device `offset` and `buf.len()` must be whole logical blocks (whole `--block-size`
     /// blocks always are); any buffer will do.
+    /// Whether the disk is a block device (read with `O_DIRECT`) rather than an image file.
+    pub fn is_block_device(&self) -> bool {
+        self.direct.is_some()
+    }
+
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         let read_err = |offset, source| DiskError::Read {
             path: self.path.clone(),

@@ -230,6 +230,11 @@ pub(crate) struct Shared {
     tracker_down: AtomicBool,
     /// Bytes read from the source disks (read amplification: this over what the source wrote).
     pub bytes_read: AtomicU64,
+    /// Why markers are placed without freezing the source's filesystems (`None`: they are
+    /// frozen).
+    pub freeze_off: Option<String>,
+    /// How long each freeze lasted, in order.
+    pub freezes: Mutex<Vec<Duration>>,
 }
 
 impl Shared {
@@ -365,6 +370,26 @@ pub async fn replicate_until(
         })
         .collect();
     let (tracker, tracking) = start_tracking(&cfg, &disks, saved.is_some());
+    let freeze_off = if !cfg.follow {
+        Some("not following".to_string())
+    } else if !cfg.freeze {
+        Some("--no-freeze".to_string())
+    } else {
+        disks
+            .iter()
+            .find(|d| !d.is_block_device())
+            .map(|d| format!("{} is not a block device", d.path.display()))
+    };
+    if cfg.follow {
+        match &freeze_off {
+            None => {
+                info!(max_freeze = ?cfg.max_freeze, "restore points: the source's filesystems are frozen around each marker")
+            }
+            Some(why) => {
+                info!(%why, "restore points: no freeze (crash-consistent only if the source is idle)")
+            }
+        }
+    }
     for (d, t) in disks.iter().zip(&tracking) {
         match t.reason() {
             None => info!(disk = %d.id, "follow mode: writes tracked in the kernel (tracefs)"),
@@ -382,6 +407,8 @@ pub async fn replicate_until(
         tracker,
         tracker_down: AtomicBool::new(false),
         bytes_read: AtomicU64::new(0),
+        freeze_off,
+        freezes: Mutex::new(Vec::new()),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),
@@ -659,7 +686,29 @@ async fn marker_loop(
     rescans: Vec<mpsc::Sender<oneshot::Sender<()>>>,
 ) {
     while let Some(marker_id) = requests.recv().await {
+        let mut frozen = None;
         if shared.cfg.follow {
+            // One instant across the source's filesystems: freeze them (their dirty data and
+            // journals reach the disks first), let the tracker see every write up to now,
+            // read what changed, place the marker, thaw.
+            frozen = freeze_sources(&shared).await;
+            if frozen.is_some() && shared.tracker.is_some() {
+                {
+                    let sh = shared.clone();
+                    let barrier = tokio::task::spawn_blocking(move || {
+                        sh.tracker.as_ref().map(Tracker::barrier)
+                    })
+                    .await;
+                    if !matches!(barrier, Ok(Some(Ok(())))) {
+                        // Events up to the freeze may not all be counted: reread everything.
+                        for tr in &shared.tracking {
+                            if let Tracking::Kernel(d) = tr {
+                                d.mark_lost();
+                            }
+                        }
+                    }
+                }
+            }
             // The marker must cover every change already made when it was asked for.
             let mut waits = Vec::with_capacity(rescans.len());
             for tx in &rescans {
@@ -676,7 +725,70 @@ async fn marker_loop(
         for n in &shared.send_wake {
             n.notify_one();
         }
-        info!(marker_id, seq, "consistency marker placed");
+        // Thawed before anything is logged: a log file may live on a frozen filesystem.
+        let thawed = match frozen {
+            Some(f) => tokio::task::spawn_blocking(move || f.thaw()).await.ok(),
+            None => None,
+        };
+        match thawed {
+            Some(r) => {
+                let frozen_ms = r.frozen_for.as_secs_f64() * 1e3;
+                shared
+                    .freezes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(r.frozen_for);
+                match r.consistency() {
+                    crate::freeze::Consistency::Consistent => info!(
+                        marker_id, seq, frozen_ms, filesystems = r.freeze.frozen.len(),
+                        "consistency marker placed with the source's filesystems frozen: one instant"
+                    ),
+                    crate::freeze::Consistency::BestEffort(why) => warn!(
+                        marker_id, seq, frozen_ms, why = %why.join("; "),
+                        "consistency marker placed: crash-consistent-best-effort"
+                    ),
+                }
+            }
+            None if shared.cfg.follow => warn!(
+                marker_id,
+                seq,
+                why = %shared.freeze_off.as_deref().unwrap_or("the freeze failed"),
+                "consistency marker placed without a freeze: crash-consistent-best-effort"
+            ),
+            None => info!(marker_id, seq, "consistency marker placed"),
+        }
+    }
+}
+
+/// Freezes the filesystems mounted from the source disks, if this run may (see
+/// [`Shared::freeze_off`]); `None` when it did not freeze (the reason is logged).
+async fn freeze_sources(shared: &Arc<Shared>) -> Option<crate::freeze::Frozen> {
+    if shared.freeze_off.is_some() {
+        return None;
+    }
+    let sh = shared.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let paths: Vec<&std::path::Path> = sh.disks.iter().map(|d| d.path.as_path()).collect();
+        let plan = crate::freeze::Plan::for_disks(&paths)?;
+        let opts = crate::freeze::FreezeOptions {
+            max_freeze: sh.cfg.max_freeze,
+            pre_hook: sh.cfg.freeze_pre_hook.clone(),
+            post_hook: sh.cfg.freeze_post_hook.clone(),
+            ..crate::freeze::FreezeOptions::default()
+        };
+        crate::freeze::freeze(&plan, &opts)
+    })
+    .await;
+    match r {
+        Ok(Ok(f)) => Some(f),
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not freeze the source's filesystems");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "could not freeze the source's filesystems");
+            None
+        }
     }
 }
 
