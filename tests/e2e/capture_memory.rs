@@ -2,6 +2,7 @@
 //! spills to a file, so server memory does not grow with the disk during a full capture.
 
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
@@ -10,6 +11,37 @@ use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
+
+/// A server whose restore points' reads pause 5 s, with `capture_memory = "4MiB"`.
+fn start_server(dir: &Path, var: &Path) -> Server {
+    let config = dir.join("slipway.toml");
+    // Small queues and windows: what the server buffers in flight is bounded by them, and
+    // here it must not hide what the capture holds.
+    std::fs::write(
+        &config,
+        "[replication]\ncapture_memory = \"4MiB\"\ndisk_queue = \"4MiB\"\n\
+         [quic]\nstream_window = \"2MiB\"\nconnection_window = \"4MiB\"\n",
+    )
+    .unwrap();
+    Server::start_env(
+        var,
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+        &[("SLIPWAY_FAILPOINT", "capture-before-read")],
+    )
+}
+
+/// Rewrites every byte of `src` in place (no truncation: the agent keeps the file open).
+fn rewrite(src: &Path) {
+    let f = std::fs::OpenOptions::new().write(true).open(src).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(52);
+    let mut buf = vec![0u8; MIB as usize];
+    for off in (0..SIZE).step_by(MIB as usize) {
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, off).unwrap();
+    }
+    f.sync_all().unwrap();
+}
 
 /// The server's first restore point of a 64 MiB disk is a full capture (no parent), and its
 /// read is paused 5 s by a failpoint. Meanwhile the same agent (`--follow`) rescans and sends
@@ -22,21 +54,7 @@ const SIZE: u64 = 64 * MIB;
 fn a_full_capture_of_a_rewritten_disk_keeps_server_memory_bounded() {
     let d = tempfile::tempdir().unwrap();
     let var = d.path().join("var");
-    let config = d.path().join("slipway.toml");
-    // Small queues and windows: what the server buffers in flight is bounded by them, and
-    // here it must not hide what the capture holds.
-    std::fs::write(
-        &config,
-        "[replication]\ncapture_memory = \"4MiB\"\ndisk_queue = \"4MiB\"\n\
-         [quic]\nstream_window = \"2MiB\"\nconnection_window = \"4MiB\"\n",
-    )
-    .unwrap();
-    let server = Server::start_env(
-        &var,
-        "127.0.0.1:0",
-        &["--config", config.to_str().unwrap()],
-        &[("SLIPWAY_FAILPOINT", "capture-before-read")],
-    );
+    let server = start_server(d.path(), &var);
     let token = server.token("big");
     let src = d.path().join("big.img");
     make_disk(&src, SIZE, 51);
@@ -50,15 +68,7 @@ fn a_full_capture_of_a_rewritten_disk_keeps_server_memory_bounded() {
     // The initial sync is behind us: its queues set the peak so far.
     let before = server.peak_rss_kib();
 
-    // Rewrite every byte in place (no truncation: the agent keeps the file open).
-    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(52);
-    let mut buf = vec![0u8; MIB as usize];
-    for off in (0..SIZE).step_by(MIB as usize) {
-        rng.fill_bytes(&mut buf);
-        f.write_all_at(&buf, off).unwrap();
-    }
-    f.sync_all().unwrap();
+    rewrite(&src);
 
     wait_until(
         "the restore point is listed",
@@ -105,4 +115,65 @@ fn a_full_capture_of_a_rewritten_disk_keeps_server_memory_bounded() {
     );
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
+}
+
+/// Decision (docs/decisions.md, "Restore points"): a spill that fails fails the restore point,
+/// not replication. The spill directory is a symlink to an 8 MiB filesystem, so the same
+/// rewrite during a paused full capture runs out of space spilling: that restore point fails,
+/// the writer goes on (the replica gets the rewrite, the disk is not in error), and the next
+/// restore point, taken once the disk is quiet again, is the source byte for byte.
+#[test]
+fn a_spill_that_runs_out_of_space_fails_the_restore_point_not_replication() {
+    if !is_root() {
+        eprintln!("skipped: the small filesystem is a loop mount and needs root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let fs = SmallFs::new(d.path(), 8);
+    let var = d.path().join("var");
+    std::fs::create_dir_all(&var).unwrap();
+    std::os::unix::fs::symlink(&fs.mount, var.join("spill")).unwrap();
+    let server = start_server(d.path(), &var);
+    let token = server.token("big");
+    let src = d.path().join("big.img");
+    make_disk(&src, SIZE, 53);
+    let follow = ["--follow", "--rescan-interval", "1s"];
+    let mut agent = Agent::start(&server, "big", &token, &[&src], &follow);
+    wait_until("a capture is being read", Duration::from_secs(120), || {
+        server.log().contains("failpoint capture-before-read")
+    });
+    rewrite(&src);
+    wait_until("the restore point failed", Duration::from_secs(120), || {
+        server.log().contains("restore point failed")
+    });
+    let log = server.log();
+    assert!(
+        log.contains("restore point capture failed; replication goes on")
+            && log.contains("No space left on device"),
+        "{log}"
+    );
+    assert!(!log.contains("volume failed"), "{log}");
+    wait_until(
+        "the replica has the rewrite",
+        Duration::from_secs(120),
+        || same_bytes(&src, &server.volume("big", "big.img"), SIZE),
+    );
+    wait_until(
+        "a restore point is listed",
+        Duration::from_secs(120),
+        || !server.restore_points().is_empty(),
+    );
+    let state = server.disk_state("big", "big.img");
+    assert!(state != "error", "{state}");
+    let rp = server.restore_points()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let exported = d.path().join("rp.img");
+    server.export(&rp, "big.img", &exported);
+    assert_same(&src, &exported, SIZE);
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    drop(server);
+    drop(fs);
 }
