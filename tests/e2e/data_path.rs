@@ -445,3 +445,60 @@ fn a_volume_older_than_its_metadata_is_resynchronised_not_trusted() {
         server.log()
     );
 }
+
+/// Checksum resync: a new agent process (its predecessor crashed) over a volume that already
+/// holds the disk sends only the chunks that differ — the server hashes what it holds, the
+/// agent compares — not the whole disk; the replica ends identical.
+#[test]
+fn a_new_agent_run_sends_only_the_chunks_that_differ() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::start(&d.path().join("var"));
+    let src = d.path().join("disk.img");
+    let size: u64 = 64 << 20;
+    make_disk(&src, size, 57);
+    let token = server.token("crc");
+    let vol = server.volume("crc", "disk.img");
+    let follow = ["--follow", "--rescan-interval", "1s"];
+    let received = || {
+        metric(
+            &server.http_get("/metrics").1,
+            "slipway_disk_received_bytes_total{disk=\"disk.img\",source=\"crc\"}",
+        ) as u64
+    };
+    let identical =
+        || server.disk_state("crc", "disk.img") == "continuous" && holds_prefix(&vol, &src);
+    let mut a = Agent::start(&server, "crc", &token, &[&src], &follow);
+    wait_until_or(
+        "the first sync",
+        Duration::from_secs(120),
+        identical,
+        || a.log_text(),
+    );
+    // The agent crashes; the source changes meanwhile: 3 whole chunks (1 MiB each).
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    for (i, at) in [5u64, 20, 41].iter().enumerate() {
+        f.write_all_at(&vec![0x90 + i as u8; 1 << 20], at << 20)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    let before = received();
+    let b = Agent::start(&server, "crc", &token, &[&src], &follow);
+    wait_until_or("the resync", Duration::from_secs(120), identical, || {
+        b.log_text()
+    });
+    let sent = received() - before;
+    let differ = 3u64 << 20;
+    assert!(
+        b.log_text().contains("resume=Resync"),
+        "a new run resyncs: {}",
+        b.log_text()
+    );
+    assert!(
+        sent <= differ + size / 100,
+        "checksum resync sent {sent} bytes for {differ} that differ on a {size}-byte disk"
+    );
+    assert!(sent >= differ, "the changed chunks were sent: {sent}");
+}

@@ -18,6 +18,7 @@ pub mod journal;
 pub mod persist;
 pub mod plan;
 mod report;
+pub mod resync;
 pub mod retained;
 pub mod run;
 mod session;

@@ -35,6 +35,10 @@ use crate::track::{DirtyChunks, TrackedDisk, Tracker};
 /// reads only the chunks marked dirty, and an empty one costs a scan of the bitmap.
 const TRACKED_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long a checksum-resync pass waits for the server's next chunk hash before it sends
+/// the rest of the disk instead (the server hashes at about the speed the agent reads).
+const PEER_HASH_PATIENCE: Duration = Duration::from_secs(30);
+
 /// How follow mode finds a disk's changes.
 #[derive(Debug)]
 pub(crate) enum Tracking {
@@ -235,6 +239,8 @@ pub(crate) struct Shared {
     pub freeze_off: Option<String>,
     /// How long each freeze lasted, in order.
     pub freezes: Mutex<Vec<Duration>>,
+    /// Per disk, the server's chunk hashes during a checksum resync.
+    pub peer_hashes: Vec<crate::resync::PeerHashes>,
 }
 
 impl Shared {
@@ -409,6 +415,7 @@ pub async fn replicate_until(
         bytes_read: AtomicU64::new(0),
         freeze_off,
         freezes: Mutex::new(Vec::new()),
+        peer_hashes: (0..n).map(|_| Default::default()).collect(),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),
@@ -959,7 +966,25 @@ fn pass_loop(
         if let Tracking::Kernel(d) = &shared.tracking[disk] {
             d.take_all();
         }
-        full_pass(shared, rt, disk, gen, unit, &mut planner, &mut ops, hashes)?
+        let peer = &shared.peer_hashes[disk];
+        let peer = (kind == PassKind::Resync && peer.active()).then_some(peer);
+        let r = full_pass(
+            shared,
+            rt,
+            disk,
+            gen,
+            unit,
+            &mut planner,
+            &mut ops,
+            hashes,
+            peer,
+        );
+        if let Some(p) = peer {
+            let skipped = p.skipped_bytes.load(Ordering::Relaxed);
+            info!(disk = %src.id, skipped_bytes = skipped, "checksum resync: chunks the server already held were not sent");
+            p.stop();
+        }
+        r?
     };
     if let Some(e) = end {
         if matches!(e, PassEnd::Stopped) && kind == PassKind::Follow {
@@ -1017,6 +1042,7 @@ fn full_pass(
     planner: &mut Planner,
     ops: &mut Vec<PlannedOp>,
     mut hashes: Option<&mut ChunkHashes>,
+    peer: Option<&crate::resync::PeerHashes>,
 ) -> Result<Option<PassEnd>, DiskError> {
     let src = &shared.disks[disk];
     let chunk = u64::from(shared.cfg.chunk_size);
@@ -1037,13 +1063,32 @@ fn full_pass(
         }
         shared.bytes_read.fetch_add(len, Ordering::Relaxed);
         let data = Bytes::from(buf);
+        let chunk_hashes: Vec<u64> = data.chunks(chunk as usize).map(ChunkHashes::hash).collect();
         if let Some(t) = hashes.as_deref_mut() {
-            for (i, c) in data.chunks(chunk as usize).enumerate() {
-                t.record(offset + i as u64 * chunk, ChunkHashes::hash(c));
+            for (i, h) in chunk_hashes.iter().enumerate() {
+                t.record(offset + i as u64 * chunk, *h);
             }
         }
         let mut extra = 0;
-        if planner.chunk(offset, &data, max_write(shared), ops) {
+        let shares = match peer {
+            // Checksum resync: only the chunks whose hash differs from the server's.
+            Some(p) if p.chunk() == chunk => {
+                let mut shares = false;
+                for (i, h) in chunk_hashes.iter().enumerate() {
+                    let start = i * chunk as usize;
+                    let end = (start + chunk as usize).min(data.len());
+                    let coff = offset + start as u64;
+                    if p.wait(coff / chunk, PEER_HASH_PATIENCE) == Some(*h) {
+                        p.skipped((end - start) as u64);
+                        continue;
+                    }
+                    shares |= planner.chunk(coff, &data.slice(start..end), max_write(shared), ops);
+                }
+                shares
+            }
+            _ => planner.chunk(offset, &data, max_write(shared), ops),
+        };
+        if shares {
             let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
             extra = len.saturating_sub(sent);
         }

@@ -140,7 +140,7 @@ impl Link {
         let hello = Hello {
             version_min: 0,
             version_max: 0,
-            features: if cfg.compress { features::LZ4 } else { 0 },
+            features: features::HASHES | if cfg.compress { features::LZ4 } else { 0 },
             // Random per run: the server resumes only within one run (a run saved at a clean
             // stop goes on in the next process, see `persist`).
             agent_run,
@@ -302,6 +302,11 @@ async fn drive(
             Some(f) = ctl_rx.recv() => {
                 match f {
                     Frame::Heartbeat(_) => {}
+                    Frame::ChunkHashes(h) => {
+                        if let Some(disk) = handles.iter().position(|x| *x == Some(h.handle)) {
+                            shared.peer_hashes[disk].add(h.first, &h.hashes);
+                        }
+                    }
                     Frame::MarkerRequest(m) => {
                         debug!(marker_id = m.marker_id, "marker requested");
                         if link.markers.try_send(m.marker_id).is_err() {
@@ -319,7 +324,25 @@ async fn drive(
                             return Err(SessionError::Protocol("DiskOpened with no handle".into()));
                         }
                         debug!(request = req, "disk opened");
+                        // Checksum resync: the volume holds something; ask what, before the
+                        // pass starts reading, and send only the chunks that differ.
+                        let peer = &shared.peer_hashes[disk];
+                        let ask = o.resume == slipway_proto::ResumeKind::Resync
+                            && neg.features & slipway_proto::features::HASHES != 0;
+                        if ask {
+                            peer.begin(u64::from(shared.cfg.chunk_size));
+                        } else {
+                            // Hashes asked on an earlier connection will not all come.
+                            peer.give_up();
+                        }
                         apply_open(shared, disk, epoch, &o, neg.max_write)?;
+                        if ask {
+                            let f = Frame::HashRequest(slipway_proto::HashRequest {
+                                handle: o.handle,
+                                chunk_size: shared.cfg.chunk_size,
+                            });
+                            write_frame(&mut ctl, &f).await?;
+                        }
                         handles[disk] = Some(o.handle);
                         reported[disk] = None;
                         let (send, recv) = conn.open_bi().await?;

@@ -48,6 +48,8 @@ pub enum FrameType {
     Error = 0x0B,
     Progress = 0x0C,
     MarkerRequest = 0x0D,
+    HashRequest = 0x0E,
+    ChunkHashes = 0x0F,
 }
 
 impl FrameType {
@@ -67,6 +69,8 @@ impl FrameType {
             0x0B => Error,
             0x0C => Progress,
             0x0D => MarkerRequest,
+            0x0E => HashRequest,
+            0x0F => ChunkHashes,
             _ => return None,
         })
     }
@@ -267,6 +271,27 @@ pub struct MarkerRequest {
     pub marker_id: u64,
 }
 
+/// Agent → server on the control stream (feature [`crate::features::HASHES`]): send the
+/// xxh3-64 hash of every `chunk_size` bytes of the volume behind `handle`, in order (the last
+/// chunk may be short), as [`ChunkHashes`] frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashRequest {
+    pub handle: u32,
+    pub chunk_size: u32,
+}
+
+/// Most hashes in one [`ChunkHashes`] frame (32 KiB of them).
+pub const MAX_HASHES_PER_FRAME: usize = 4096;
+
+/// Server → agent on the control stream: the hashes of chunks `first..first + hashes.len()`
+/// of the volume behind `handle`, as it was when the request was answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkHashes {
+    pub handle: u32,
+    pub first: u64,
+    pub hashes: Vec<u64>,
+}
+
 /// Replication phase the agent reports for a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -458,6 +483,8 @@ pub enum Frame {
     Error(ErrorFrame),
     Progress(Progress),
     MarkerRequest(MarkerRequest),
+    HashRequest(HashRequest),
+    ChunkHashes(ChunkHashes),
 }
 
 impl Frame {
@@ -476,6 +503,8 @@ impl Frame {
             Frame::Error(_) => FrameType::Error,
             Frame::Progress(_) => FrameType::Progress,
             Frame::MarkerRequest(_) => FrameType::MarkerRequest,
+            Frame::HashRequest(_) => FrameType::HashRequest,
+            Frame::ChunkHashes(_) => FrameType::ChunkHashes,
         }
     }
 
@@ -552,6 +581,19 @@ impl Frame {
                 body.put_u64(p.pass_seq);
             }
             Frame::MarkerRequest(m) => body.put_u64(m.marker_id),
+            Frame::HashRequest(h) => {
+                body.put_u32(h.handle);
+                body.put_u32(h.chunk_size);
+            }
+            Frame::ChunkHashes(c) => {
+                assert!(c.hashes.len() <= MAX_HASHES_PER_FRAME, "too many hashes");
+                body.put_u32(c.handle);
+                body.put_u64(c.first);
+                body.put_u32(c.hashes.len() as u32);
+                for h in &c.hashes {
+                    body.put_u64(*h);
+                }
+            }
         }
         FrameHeader::write(self.frame_type(), 0, body.len(), out);
         out.extend_from_slice(&body);
@@ -691,6 +733,30 @@ impl Frame {
             FrameType::MarkerRequest => Frame::MarkerRequest(MarkerRequest {
                 marker_id: r.u64("marker_id")?,
             }),
+            FrameType::HashRequest => Frame::HashRequest(HashRequest {
+                handle: r.u32("handle")?,
+                chunk_size: r.u32("chunk_size")?,
+            }),
+            FrameType::ChunkHashes => {
+                let handle = r.u32("handle")?;
+                let first = r.u64("first")?;
+                let n = r.u32("count")? as usize;
+                if n > MAX_HASHES_PER_FRAME {
+                    return Err(r.bad("count", "more hashes than a frame may carry"));
+                }
+                if r.b.len() != n * 8 {
+                    return Err(r.bad("count", "does not match the body length"));
+                }
+                let mut hashes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    hashes.push(r.u64("hash")?);
+                }
+                Frame::ChunkHashes(ChunkHashes {
+                    handle,
+                    first,
+                    hashes,
+                })
+            }
         };
         if !b.is_empty() {
             return Err(DecodeError::Trailing { ty, extra: b.len() });
@@ -909,6 +975,20 @@ mod tests {
                 pass_seq: 101,
             }),
             Frame::MarkerRequest(MarkerRequest { marker_id: 5 }),
+            Frame::HashRequest(HashRequest {
+                handle: 3,
+                chunk_size: 1 << 20,
+            }),
+            Frame::ChunkHashes(ChunkHashes {
+                handle: 3,
+                first: 4096,
+                hashes: vec![1, u64::MAX, 0x0123_4567_89ab_cdef],
+            }),
+            Frame::ChunkHashes(ChunkHashes {
+                handle: 3,
+                first: 0,
+                hashes: vec![],
+            }),
         ]
     }
 

@@ -16,9 +16,9 @@ pub mod handshake;
 
 pub use frame::DecodeError;
 pub use frame::{
-    Ack, Decoder, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, FrameHeader, FrameType,
-    Hello, Marker, MarkerRequest, Phase, Progress, ResumeKind, StreamBind, Welcome, Write,
-    WriteZeroes, FLAG_LZ4, HEADER_LEN, NO_HANDLE,
+    Ack, ChunkHashes, Decoder, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, FrameHeader,
+    FrameType, HashRequest, Hello, Marker, MarkerRequest, Phase, Progress, ResumeKind, StreamBind,
+    Welcome, Write, WriteZeroes, FLAG_LZ4, HEADER_LEN, MAX_HASHES_PER_FRAME, NO_HANDLE,
 };
 pub use handshake::{ClientHandshake, HandshakeError, Negotiated, ServerHandshake, ServerParams};
 
@@ -41,8 +41,11 @@ pub const MAX_BODY_LEN: u32 = MAX_WRITE_LEN + MAX_WRITE_LEN / 255 + 1024;
 pub mod features {
     /// Write payloads may be LZ4 block-compressed (per frame, flag [`super::FLAG_LZ4`]).
     pub const LZ4: u32 = 1 << 0;
+    /// Checksum resync: the agent may ask for the hashes of what a volume holds
+    /// ([`super::HashRequest`]) and send only the chunks that differ.
+    pub const HASHES: u32 = 1 << 1;
     /// All features this build understands.
-    pub const ALL: u32 = LZ4;
+    pub const ALL: u32 = LZ4 | HASHES;
 }
 
 /// Longest source or disk id, in bytes.

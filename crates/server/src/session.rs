@@ -175,11 +175,12 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         }
     };
     let mut hs = ServerHandshake::new(ServerParams {
-        features: if inner.settings.compression {
-            features::LZ4
-        } else {
-            0
-        },
+        features: features::HASHES
+            | if inner.settings.compression {
+                features::LZ4
+            } else {
+                0
+            },
         heartbeat_ms: inner.settings.heartbeat.as_millis() as u32,
         max_write: inner.settings.max_write,
         server_version: format!("slipway {}", env!("CARGO_PKG_VERSION")),
@@ -397,6 +398,73 @@ async fn control_loop(
     reason
 }
 
+/// Checksum resync: hashes the disk's volume chunk by chunk, in order, on a blocking thread
+/// and sends the hashes on the control stream as they are made. The agent decides about a
+/// chunk only once it has its hash, so every write of this run to a chunk comes after the
+/// chunk was hashed: the hashes are of what the volume held before the run wrote anything.
+fn hash_request(c: &Arc<Conn>, h: slipway_proto::HashRequest) -> Option<Frame> {
+    let disk = c.disks.lock().unwrap().get(&h.handle).cloned();
+    let Some(d) = disk else {
+        c.inner.metrics.reject("unknown_disk");
+        return Some(Frame::Error(ErrorFrame::for_disk(
+            ErrorCode::UnknownDisk,
+            h.handle,
+            format!(
+                "hash request for handle {} which this connection did not open",
+                h.handle
+            ),
+        )));
+    };
+    let chunk = u64::from(h.chunk_size);
+    if chunk == 0 || chunk % u64::from(d.block_size) != 0 || chunk > 64 << 20 {
+        c.inner.metrics.reject("invalid_argument");
+        return Some(Frame::Error(ErrorFrame::for_disk(
+            ErrorCode::InvalidArgument,
+            h.handle,
+            format!(
+                "hash chunk size {chunk} must be a multiple of the block size {} and at most 64 MiB",
+                d.block_size
+            ),
+        )));
+    }
+    let Some(vol) = d.handle_cell.lock().unwrap().as_ref().map(|a| a.volume()) else {
+        return None; // closing: the agent will reopen and ask again
+    };
+    let (tx, size, handle) = (c.ctl_tx.clone(), d.size, h.handle);
+    let (src, disk_id) = (c.source.clone(), d.slot.disk.clone());
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut buf = vec![0u8; chunk as usize];
+        let mut batch = Vec::with_capacity(slipway_proto::MAX_HASHES_PER_FRAME);
+        let mut first = 0u64;
+        let mut offset = 0u64;
+        while offset < size {
+            let len = chunk.min(size - offset) as usize;
+            if let Err(e) = vol.read_at(&mut buf[..len], offset) {
+                // The agent stops waiting and sends the rest of the disk.
+                tracing::warn!(source = %src, disk = %disk_id, offset, error = %e, "hashing the volume failed");
+                return;
+            }
+            batch.push(xxhash_rust::xxh3::xxh3_64(&buf[..len]));
+            offset += len as u64;
+            if batch.len() == slipway_proto::MAX_HASHES_PER_FRAME || offset >= size {
+                let n = batch.len() as u64;
+                let f = Frame::ChunkHashes(slipway_proto::ChunkHashes {
+                    handle,
+                    first,
+                    hashes: std::mem::take(&mut batch),
+                });
+                if tx.send(f).is_err() {
+                    return; // the connection is gone
+                }
+                first += n;
+            }
+        }
+        tracing::info!(source = %src, disk = %disk_id, chunks = first, secs = started.elapsed().as_secs_f64(), "volume hashed for a checksum resync");
+    });
+    None
+}
+
 /// Handles one control frame. `Ok(Some)` is the reply; `Err` closes the connection.
 async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorFrame> {
     match frame {
@@ -435,6 +503,7 @@ async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorF
                 }
             }
         }
+        Frame::HashRequest(h) => Ok(hash_request(c, h)),
         Frame::Heartbeat(_) => Ok(None),
         other => {
             c.inner.metrics.reject("malformed");
