@@ -3,6 +3,7 @@
 
 #[cfg(feature = "aws")]
 mod aws_backend;
+mod capture_memory;
 mod data_path;
 #[cfg(feature = "aws")]
 mod fleet_switch;
