@@ -5,7 +5,7 @@
 //! rather than from where.
 
 use std::io::{IsTerminal, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use slipway_net::Congestion;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat, RawArgs};
+use crate::agent_toml::{self, Layer, SettingsError};
+use crate::config::{Config, LogFormat};
 use crate::run::{replicate, AgentError, Outcome, Progress};
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,9 @@ struct Cli {
 enum Command {
     /// Replicate disks to a server: one full pass, or with --follow, continuously.
     Replicate(ReplicateArgs),
+    /// Show what the running agent is doing (from its status file); exit code 3 if it is
+    /// not running.
+    Status(StatusArgs),
     /// Internal: guards a filesystem freeze from outside the agent, thawing the mount points
     /// if the agent goes away or the deadline passes (see `freeze::watchdog_main`).
     #[command(hide = true)]
@@ -54,11 +58,15 @@ enum LogFormatArg {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("trust").required(true).args(["server_ca", "server_fingerprint"])))]
+#[command(group(ArgGroup::new("trust").args(["server_ca", "server_fingerprint"])))]
 struct ReplicateArgs {
+    /// Read the settings from this TOML file (docs/agent.md); a flag given here overrides the
+    /// file's key of the same name.
+    #[arg(long, value_name = "FILE", env = "SLIPWAY_AGENT_CONFIG")]
+    config: Option<PathBuf>,
     /// Replication server, HOST:PORT (HOST a DNS name or an IP address).
     #[arg(long, value_name = "HOST:PORT")]
-    server: String,
+    server: Option<String>,
     /// Trust the server certificate if it chains to a CA in this PEM file.
     #[arg(long, value_name = "FILE")]
     server_ca: Option<PathBuf>,
@@ -71,39 +79,38 @@ struct ReplicateArgs {
     server_name: Option<String>,
     /// Source server id this agent replicates as.
     #[arg(long, value_name = "ID")]
-    source_id: String,
+    source_id: Option<String>,
     /// Credential for the source id. Visible to other users in `ps` when given here: prefer
     /// --token-file or the SLIPWAY_TOKEN environment variable.
     #[arg(
         long,
         value_name = "TOKEN",
         env = "SLIPWAY_TOKEN",
-        hide_env_values = true,
-        required_unless_present = "token_file"
+        hide_env_values = true
     )]
     token: Option<String>,
     /// File holding the credential (its first line; keep it mode 0600).
     #[arg(long, value_name = "PATH", conflicts_with = "token")]
     token_file: Option<std::path::PathBuf>,
     /// A disk to replicate: a file or block device, optionally with its id (default: the
-    /// file name). Repeat for more disks.
-    #[arg(long = "disk", value_name = "PATH[:DISK_ID]", required = true)]
+    /// file name). Repeat for more disks. Default: every local whole disk (/sys/block).
+    #[arg(long = "disk", value_name = "PATH[:DISK_ID]")]
     disks: Vec<String>,
     /// Keep replicating: rescan the disks every --rescan-interval until SIGINT/SIGTERM.
     #[arg(long)]
     follow: bool,
-    /// Time between follow-mode rescans.
-    #[arg(long, value_name = "DURATION", default_value = "10s")]
-    rescan_interval: String,
-    /// Logical block size: a power of two from 512 to 65536.
-    #[arg(long, value_name = "BYTES", default_value = "512")]
-    block_size: String,
-    /// Read size and largest write (at most 4MiB).
-    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
-    chunk_size: String,
-    /// Most unacknowledged data held in memory, all disks together.
-    #[arg(long, value_name = "SIZE", default_value = "128MiB")]
-    window: String,
+    /// Time between follow-mode rescans [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    rescan_interval: Option<String>,
+    /// Logical block size: a power of two from 512 to 65536 [default: 512].
+    #[arg(long, value_name = "BYTES")]
+    block_size: Option<String>,
+    /// Read size and largest write (at most 4MiB) [default: 1MiB].
+    #[arg(long, value_name = "SIZE")]
+    chunk_size: Option<String>,
+    /// Most unacknowledged data held in memory, all disks together [default: 128MiB].
+    #[arg(long, value_name = "SIZE")]
+    window: Option<String>,
     /// Do not offer LZ4 compression.
     #[arg(long)]
     no_compress: bool,
@@ -117,22 +124,30 @@ struct ReplicateArgs {
     /// source is idle). Freezing needs root and block devices.
     #[arg(long)]
     no_freeze: bool,
-    /// Longest a freeze may last; thawed after it whatever happens.
-    #[arg(long, value_name = "DURATION", default_value = "1s")]
-    max_freeze: String,
+    /// Longest a freeze may last; thawed after it whatever happens [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    max_freeze: Option<String>,
     /// Script run before each freeze (e.g. to flush a database); a failure skips the freeze.
     #[arg(long, value_name = "PATH")]
     freeze_pre_hook: Option<PathBuf>,
     /// Script run after each thaw, whatever happened.
     #[arg(long, value_name = "PATH")]
     freeze_post_hook: Option<PathBuf>,
-    /// Largest UDP payload (path MTU discovery upper bound).
-    #[arg(long, value_name = "BYTES", default_value_t = 6500)]
-    max_udp_payload: u16,
+    /// Largest UDP payload (path MTU discovery upper bound) [default: 6500].
+    #[arg(long, value_name = "BYTES")]
+    max_udp_payload: Option<u16>,
     /// Congestion controller. BBR keeps QUIC near the link rate on lossy long links, where
-    /// Cubic collapses (docs/benchmarks.md, scenario 2).
-    #[arg(long, value_name = "ALGO", default_value = "bbr", value_parser = parse_congestion)]
-    congestion: Congestion,
+    /// Cubic collapses (docs/benchmarks.md, scenario 2) [default: bbr].
+    #[arg(long, value_name = "ALGO", value_parser = parse_congestion)]
+    congestion: Option<Congestion>,
+    /// Most megabits per second of disk data sent, all disks together, so replication never
+    /// saturates the source's uplink (0: no limit) [default: no limit].
+    #[arg(long, value_name = "MBPS")]
+    bandwidth_limit: Option<String>,
+    /// Where to write the agent's status every few seconds, for `slipway-agent status`
+    /// [default: /run/slipway-agent/status.json if that directory exists].
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
     /// With --follow: on a clean stop (SIGTERM/SIGINT, everything acknowledged) save the run
     /// here, and on start resume a run saved here instead of resyncing every disk: only what
     /// changed while no agent ran is sent. Used once; a crash leaves nothing to resume.
@@ -141,9 +156,28 @@ struct ReplicateArgs {
     /// Append "<disk_id> <seq> <offset> <len>" for every acknowledged write (for tests).
     #[arg(long, value_name = "FILE", hide = true)]
     ack_journal: Option<PathBuf>,
-    /// Log line format.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormatArg,
+    /// Log line format [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The status file the agent writes [default: status_file of --config, else
+    /// /run/slipway-agent/status.json].
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
+    /// Find the status file in this config file's `status_file`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SLIPWAY_AGENT_CONFIG",
+        conflicts_with = "status_file"
+    )]
+    config: Option<PathBuf>,
+    /// Print the status as JSON (the file's content, with "running" and "liveness" added).
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_congestion(s: &str) -> Result<Congestion, String> {
@@ -168,78 +202,107 @@ pub fn main() -> ExitCode {
             deadline_ms,
             mounts,
         } => crate::freeze::watchdog_main(Duration::from_millis(deadline_ms), &mounts),
+        Command::Status(args) => status_cmd(args),
         Command::Replicate(args) => match replicate_cmd(args) {
             Ok(code) => code,
-            Err(e) => match e.downcast_ref::<AgentError>() {
-                // Agent errors already say what caused them, in one sentence.
-                Some(a) => {
+            Err(e) => {
+                if let Some(a) = e.downcast_ref::<AgentError>() {
+                    // Agent errors already say what caused them, in one sentence.
                     eprintln!("error: {a}");
                     ExitCode::from(a.exit_code())
-                }
-                None => {
+                } else if let Some(s) = e.downcast_ref::<SettingsError>() {
+                    // Settings: permanent, as a bad flag is (the unit does not restart on 2).
+                    eprintln!("error: {s}");
+                    ExitCode::from(2)
+                } else {
                     eprintln!("error: {e:#}");
                     ExitCode::from(1)
                 }
-            },
+            }
         },
     }
 }
 
 /// The first line of a token file, trimmed. A file readable by others is refused: the
 /// credential would be as public as on the command line.
-fn read_token_file(p: &std::path::Path) -> anyhow::Result<String> {
-    use anyhow::Context as _;
+fn read_token_file(p: &std::path::Path) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(p)
-        .with_context(|| format!("--token-file {}", p.display()))?
+        .map_err(|e| format!("{}: {e}", p.display()))?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        anyhow::bail!(
-            "--token-file {}: mode {:o} lets other users read the credential; chmod 600 it",
+        return Err(format!(
+            "{}: mode {:o} lets other users read the credential; chmod 600 it",
             p.display(),
             mode & 0o777
-        );
+        ));
     }
-    let text =
-        std::fs::read_to_string(p).with_context(|| format!("--token-file {}", p.display()))?;
+    let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
     Ok(text.lines().next().unwrap_or("").trim().to_string())
 }
 
-fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
-    let format = match args.log_format {
-        LogFormatArg::Text => LogFormat::Text,
-        LogFormatArg::Json => LogFormat::Json,
-    };
-    let raw = RawArgs {
+/// The command line as a settings layer (see `agent_toml`): a switch not given is "unset",
+/// so the file's key applies.
+fn cli_layer(args: ReplicateArgs) -> Layer {
+    let set = |b: bool| b.then_some(true);
+    Layer {
         server: args.server,
         server_ca: args.server_ca,
         server_fingerprint: args.server_fingerprint,
         server_name: args.server_name,
         source_id: args.source_id,
-        token: match (args.token, &args.token_file) {
-            (Some(t), _) => t,
-            (None, Some(p)) => read_token_file(p)?,
-            (None, None) => unreachable!("clap requires --token or --token-file"),
-        },
-        disks: args.disks,
-        follow: args.follow,
+        token: args.token,
+        token_file: args.token_file,
+        disks: (!args.disks.is_empty()).then_some(args.disks),
+        include: Vec::new(),
+        exclude: Vec::new(),
+        follow: set(args.follow),
         rescan_interval: args.rescan_interval,
         block_size: args.block_size,
         chunk_size: args.chunk_size,
         window: args.window,
-        no_compress: args.no_compress,
-        no_track: args.no_track,
-        no_freeze: args.no_freeze,
-        max_freeze: Some(args.max_freeze),
+        no_compress: set(args.no_compress),
+        no_track: set(args.no_track),
+        no_freeze: set(args.no_freeze),
+        max_freeze: args.max_freeze,
         freeze_pre_hook: args.freeze_pre_hook,
         freeze_post_hook: args.freeze_post_hook,
         max_udp_payload: args.max_udp_payload,
-        congestion: Some(args.congestion),
-        ack_journal: args.ack_journal,
+        congestion: args.congestion,
         state_file: args.state_file,
+        ack_journal: args.ack_journal,
+        log_format: args.log_format.map(|f| match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }),
+        bandwidth_limit: args.bandwidth_limit,
+        status_file: args.status_file,
+    }
+}
+
+/// The validated settings of `replicate`: the config file (if any) under the flags, the
+/// credential read, the disks found.
+fn settings(args: ReplicateArgs) -> Result<(Config, LogFormat), SettingsError> {
+    let file = match &args.config {
+        Some(p) => Some((Layer::load(p)?, p.display().to_string())),
+        None => None,
     };
-    let cfg = Config::from_raw(raw, |p| p.exists()).map_err(AgentError::from)?;
+    let mut merged = agent_toml::merge(cli_layer(args), file)?;
+    if merged.raw.status_file.is_none() {
+        // The unit's runtime directory; a run by hand outside it writes no status.
+        let p = crate::status::default_path();
+        merged.raw.status_file = p.parent().is_some_and(Path::is_dir).then_some(p);
+    }
+    merged.finish(
+        read_token_file,
+        |inc, exc| crate::discover::local_disks(inc, exc).map_err(|e| e.to_string()),
+        |p| p.exists(),
+    )
+}
+
+fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, format) = settings(args)?;
     let follow = cfg.follow;
 
     let terminal = std::io::stderr().is_terminal();
@@ -273,6 +336,71 @@ fn replicate_cmd(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
             ExitCode::from(1)
         }
     })
+}
+
+/// `slipway-agent status`: 0 when the agent runs, 3 when it does not (as `systemctl status`
+/// for an inactive unit), 1 when the status file cannot be read.
+fn status_cmd(args: StatusArgs) -> ExitCode {
+    use crate::status::{self, Liveness};
+    let path = match (&args.status_file, &args.config) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => match Layer::load(c) {
+            Ok(l) => l.status_file.unwrap_or_else(status::default_path),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => status::default_path(),
+    };
+    let st = match status::read(&path) {
+        Ok(st) => st,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"running": false, "liveness": "no status file", "status_file": path})
+                );
+            } else {
+                println!(
+                    "slipway-agent is not running: no status file at {} (it is written while \
+                     the agent runs; see --status-file)",
+                    path.display()
+                );
+            }
+            return ExitCode::from(3);
+        }
+        Err(e) => {
+            eprintln!("error: reading {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let now = status::now_ms();
+    let live = status::liveness(&st, now, status::pid_alive(st.pid));
+    let running = live == Liveness::Running;
+    if args.json {
+        let mut v = serde_json::to_value(&st).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("running".into(), running.into());
+            o.insert(
+                "liveness".into(),
+                match &live {
+                    Liveness::Running => "running",
+                    Liveness::Gone { .. } => "pid gone",
+                    Liveness::Stale { .. } => "stale",
+                }
+                .into(),
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", status::render(&st, &live, now));
+    }
+    if running {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
 }
 
 fn init_logging(format: LogFormat, terminal: bool, bars: Option<MultiProgress>) {
@@ -353,6 +481,24 @@ mod tests {
         "/dev/sda",
     ];
 
+    fn replicate(args: &[&str]) -> ReplicateArgs {
+        match parse(args).unwrap().command {
+            Command::Replicate(r) => r,
+            other => panic!("not replicate: {other:?}"),
+        }
+    }
+
+    /// The settings of a command line with no config file and a disk that "exists".
+    fn settle(r: ReplicateArgs) -> Result<Config, SettingsError> {
+        agent_toml::merge(cli_layer(r), None)?
+            .finish(
+                read_token_file,
+                |_, _| Ok(vec!["/dev/vda".into()]),
+                |_| true,
+            )
+            .map(|(c, _)| c)
+    }
+
     #[test]
     fn the_token_comes_from_exactly_one_place_and_a_token_file_must_be_private() {
         use std::os::unix::fs::PermissionsExt;
@@ -362,7 +508,10 @@ mod tests {
             .filter(|a| *a != "--token" && *a != "t")
             .chain(["--server-ca", "/ca.pem"])
             .collect();
-        assert!(parse(&no_token).is_err(), "no credential given");
+        if std::env::var_os("SLIPWAY_TOKEN").is_none() {
+            let e = settle(replicate(&no_token)).unwrap_err().to_string();
+            assert!(e.contains("no credential"), "{e}");
+        }
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("token");
         std::fs::write(&p, "slw1.abc.def\n").unwrap();
@@ -372,13 +521,16 @@ mod tests {
         assert!(parse(&both).is_err(), "--token and --token-file");
         let mut from_file = no_token.clone();
         from_file.extend(["--token-file", path]);
-        let Command::Replicate(r) = parse(&from_file).unwrap().command else {
-            panic!("not replicate")
-        };
+        let r = replicate(&from_file);
         assert_eq!(r.token, None);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(settle(r).unwrap().token, "slw1.abc.def");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = read_token_file(&p).unwrap_err().to_string();
-        assert!(e.contains("chmod 600"), "{e}");
+        let e = settle(replicate(&from_file)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--token-file") && e.contains("chmod 600"),
+            "{e}"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_token_file(&p).unwrap(), "slw1.abc.def");
     }
@@ -387,18 +539,23 @@ mod tests {
     fn exactly_one_way_to_trust_the_server() {
         let fp = "ab".repeat(32);
         let mut a = BASE.to_vec();
-        assert!(parse(&a).is_err(), "no trust given");
+        let e = settle(replicate(&a)).unwrap_err().to_string();
+        assert!(
+            e.contains("--server-ca") && e.contains("--server-fingerprint"),
+            "{e}"
+        );
         a.extend(["--server-fingerprint", &fp]);
-        let Command::Replicate(r) = parse(&a).unwrap().command else {
-            panic!("not replicate")
-        };
+        let r = replicate(&a);
         assert_eq!(r.server_fingerprint.as_deref(), Some(fp.as_str()));
-        assert_eq!(r.block_size, "512");
-        assert_eq!(r.chunk_size, "1MiB");
-        assert_eq!(r.window, "128MiB");
-        assert_eq!(r.rescan_interval, "10s");
-        assert_eq!(r.max_udp_payload, 6500);
-        assert_eq!(r.congestion, Congestion::Bbr);
+        let c = settle(r).unwrap();
+        assert_eq!(c.block_size, 512);
+        assert_eq!(c.chunk_size, 1 << 20);
+        assert_eq!(c.window, 128 << 20);
+        assert_eq!(c.rescan_interval, Duration::from_secs(10));
+        assert_eq!(c.max_freeze, Duration::from_secs(1));
+        assert_eq!(c.max_udp_payload, 6500);
+        assert_eq!(c.congestion, Congestion::Bbr);
+        assert!(c.bandwidth.is_none());
         a.extend(["--server-ca", "/ca.pem"]);
         assert!(parse(&a).is_err(), "both given");
     }
@@ -419,18 +576,81 @@ mod tests {
             "json",
             "--ack-journal",
             "/tmp/j",
+            "--bandwidth-limit",
+            "25",
+            "--status-file",
+            "/tmp/st.json",
         ]);
-        let Command::Replicate(r) = parse(&a).unwrap().command else {
-            panic!("not replicate")
-        };
+        let r = replicate(&a);
         assert_eq!(r.disks, vec!["/dev/sda", "/tmp/b.img:data"]);
         assert!(r.follow && r.no_compress);
-        assert_eq!(r.congestion, Congestion::Bbr);
-        assert!(matches!(r.log_format, LogFormatArg::Json));
+        assert_eq!(r.congestion, Some(Congestion::Bbr));
+        assert!(matches!(r.log_format, Some(LogFormatArg::Json)));
         assert_eq!(r.ack_journal, Some(PathBuf::from("/tmp/j")));
+        let c = settle(r).unwrap();
+        assert!((c.bandwidth.unwrap().mbps() - 25.0).abs() < 1e-9);
+        assert_eq!(c.status_file, Some(PathBuf::from("/tmp/st.json")));
         let mut bad = BASE.to_vec();
         bad.extend(["--server-ca", "/ca.pem", "--congestion", "vegas"]);
         assert!(parse(&bad).is_err());
+    }
+
+    #[test]
+    fn a_config_file_fills_in_what_the_flags_leave_out() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("agent.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "server = \"replica:1500\"\nserver_fingerprint = \"{}\"\nsource_id = \"web-02\"\n\
+                 disks = [\"/dev/vdb\"]\nfollow = true\nrescan_interval = \"3s\"\n",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
+        let conf = conf.to_str().unwrap();
+        let r = replicate(&[
+            "replicate",
+            "--config",
+            conf,
+            "--token",
+            "t",
+            "--source-id",
+            "cli-id",
+        ]);
+        let c = settings(r).unwrap().0;
+        assert_eq!(c.source_id, "cli-id", "the flag wins");
+        assert_eq!(c.server.host, "replica");
+        assert!(c.follow);
+        assert_eq!(c.rescan_interval, Duration::from_secs(3));
+        assert_eq!(c.disks[0].id, "vdb");
+        let r = replicate(&[
+            "replicate",
+            "--config",
+            conf,
+            "--token",
+            "t",
+            "--window",
+            "1KiB",
+        ]);
+        let e = settings(r).unwrap_err().to_string();
+        assert!(e.starts_with("--window"), "{e}");
+        let r = replicate(&["replicate", "--config", "/nonexistent/agent.toml"]);
+        let e = settings(r).unwrap_err().to_string();
+        assert!(e.starts_with("config file /nonexistent/agent.toml:"), "{e}");
+    }
+
+    #[test]
+    fn status_takes_its_file_from_a_flag_or_a_config() {
+        let Command::Status(s) = parse(&["status", "--json", "--status-file", "/tmp/s.json"])
+            .unwrap()
+            .command
+        else {
+            panic!("not status")
+        };
+        assert!(s.json);
+        assert_eq!(s.status_file, Some(PathBuf::from("/tmp/s.json")));
+        assert!(parse(&["status", "--status-file", "/a", "--config", "/b"]).is_err());
     }
 
     #[test]

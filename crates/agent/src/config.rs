@@ -7,11 +7,14 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use slipway_net::{tls::ServerTrust, Congestion};
 use slipway_proto::{valid_id, MAX_WRITE_LEN};
 use thiserror::Error;
+
+use crate::throttle::Throttle;
 
 /// A flag value that cannot be used. Always permanent: retrying will not fix an argument.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -39,6 +42,46 @@ pub enum ConfigError {
     NoDisks,
     #[error("--token: the token is empty or longer than {max} bytes")]
     BadToken { max: usize },
+}
+
+impl ConfigError {
+    /// The flag the error is about, without the leading dashes (`"rescan-interval"`).
+    pub fn flag(&self) -> &'static str {
+        match self {
+            ConfigError::BadSize { flag, .. }
+            | ConfigError::BadDuration { flag, .. }
+            | ConfigError::OutOfRange { flag, .. } => flag,
+            ConfigError::BadServer(_) => "server",
+            ConfigError::BadSourceId(_) => "source-id",
+            ConfigError::BadDiskId { .. }
+            | ConfigError::EmptyDiskPath(_)
+            | ConfigError::DuplicateDiskId(_)
+            | ConfigError::NoDisks => "disk",
+            ConfigError::BadToken { .. } => "token",
+        }
+    }
+}
+
+/// Parses a bandwidth limit in megabits per second (`100`, `2.5`); `0` is no limit.
+pub fn parse_bandwidth_limit(s: &str) -> Result<Option<f64>, ConfigError> {
+    let bad = || ConfigError::OutOfRange {
+        flag: "bandwidth-limit",
+        reason: format!("{s:?} is not a rate in Mbit/s (examples: 100, 2.5; 0 for no limit)"),
+    };
+    let mbps: f64 = s.trim().parse().map_err(|_| bad())?;
+    if !mbps.is_finite() || mbps < 0.0 {
+        return Err(bad());
+    }
+    if mbps == 0.0 {
+        return Ok(None);
+    }
+    if mbps < 0.01 {
+        return Err(ConfigError::OutOfRange {
+            flag: "bandwidth-limit",
+            reason: format!("{s} Mbit/s is below the smallest limit, 0.01 Mbit/s"),
+        });
+    }
+    Ok(Some(mbps))
 }
 
 /// Parses a byte size: a number with an optional unit. `K`, `M`, `G`, `T` (with or without
@@ -229,6 +272,10 @@ pub struct RawArgs {
     pub max_freeze: Option<String>,
     pub freeze_pre_hook: Option<PathBuf>,
     pub freeze_post_hook: Option<PathBuf>,
+    /// Most Mbit/s of write payload, all disks together (`None` or "0": no limit).
+    pub bandwidth_limit: Option<String>,
+    /// Where the running agent keeps its status for `slipway-agent status`.
+    pub status_file: Option<PathBuf>,
 }
 
 /// Checked settings of a `replicate` run.
@@ -266,6 +313,12 @@ pub struct Config {
     /// Scripts run before the freeze and after the thaw (application consistency).
     pub freeze_pre_hook: Option<PathBuf>,
     pub freeze_post_hook: Option<PathBuf>,
+    /// The source's bandwidth limit, shared by every disk's sender (see `throttle`); `None`:
+    /// no limit.
+    pub bandwidth: Option<Arc<Throttle>>,
+    /// Where the status for `slipway-agent status` is written every few seconds (see
+    /// `status`); `None`: nowhere.
+    pub status_file: Option<PathBuf>,
 }
 
 /// Smallest and largest accepted `--block-size`.
@@ -371,6 +424,10 @@ impl Config {
                 reason: "needs --follow (the saved state is follow mode's change table)".into(),
             });
         }
+        let bandwidth = match &raw.bandwidth_limit {
+            Some(s) => parse_bandwidth_limit(s)?.map(|m| Arc::new(Throttle::from_mbps(m))),
+            None => None,
+        };
         Ok(Config {
             server,
             server_name,
@@ -393,6 +450,8 @@ impl Config {
             max_freeze,
             freeze_pre_hook: raw.freeze_pre_hook,
             freeze_post_hook: raw.freeze_post_hook,
+            bandwidth,
+            status_file: raw.status_file,
         })
     }
 
@@ -585,9 +644,36 @@ mod tests {
         check(&|r| r.token = String::new(), "--token");
         check(&|r| r.disks = vec![], "--disk");
         check(
+            &|r| r.bandwidth_limit = Some("fast".into()),
+            "--bandwidth-limit",
+        );
+        check(
+            &|r| r.bandwidth_limit = Some("-5".into()),
+            "--bandwidth-limit",
+        );
+        check(
             &|r| r.disks = vec!["/a/sda".into(), "/b/sda".into()],
             "--disk",
         );
+    }
+
+    #[test]
+    fn bandwidth_limits() {
+        assert_eq!(parse_bandwidth_limit("100").unwrap(), Some(100.0));
+        assert_eq!(parse_bandwidth_limit(" 2.5 ").unwrap(), Some(2.5));
+        assert_eq!(parse_bandwidth_limit("0").unwrap(), None);
+        for bad in ["", "1e400", "NaN", "inf", "-1", "10Mbit", "0.001"] {
+            let e = parse_bandwidth_limit(bad).unwrap_err();
+            assert_eq!(e.flag(), "bandwidth-limit", "{bad:?}");
+        }
+        let mut r = raw();
+        assert!(Config::from_raw(r.clone(), never)
+            .unwrap()
+            .bandwidth
+            .is_none());
+        r.bandwidth_limit = Some("40".into());
+        let c = Config::from_raw(r, never).unwrap();
+        assert!((c.bandwidth.unwrap().mbps() - 40.0).abs() < 1e-9);
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //! Architecture invariant: an op leaves memory only when the server has said it is durable,
 //! so any connection loss is repaired by resending, never by guessing.
 
+pub mod agent_toml;
 pub mod changes;
 pub mod cli;
 pub mod config;
+pub mod discover;
 pub mod disk;
 pub mod freeze;
 pub mod journal;
@@ -23,6 +25,8 @@ pub mod retained;
 pub mod run;
 mod session;
 pub mod state;
+pub mod status;
+pub mod throttle;
 pub mod track;
 
 pub use config::{Config, ConfigError};

@@ -443,6 +443,8 @@ pub async fn replicate_until(
     let link = Link::new(shared.clone(), client_cfg, marker_tx, agent_run);
     let mut conn = tokio::spawn(connection_manager(link, shutdown_rx.clone()));
     let reporter = tokio::spawn(report::run(shared.clone(), progress, shutdown_rx));
+    // `slipway-agent status` reads this; it writes a last one when shutdown is asked for.
+    let _status = crate::status::spawn(shared.clone(), shutdown_tx.subscribe());
 
     let mut done_at: Vec<Option<Instant>> = vec![None; n];
     let result = supervise(&shared, &mut conn, &mut producers, &mut done_at, stop).await;

@@ -525,6 +525,10 @@ async fn disk_sender(
             match op.frame(handle) {
                 Frame::Write(w) => {
                     payload += w.data.len() as u64;
+                    // The source's bandwidth limit (see `throttle`), shared by all disks.
+                    if let Some(t) = &shared.cfg.bandwidth {
+                        t.take(w.data.len() as u64).await;
+                    }
                     write_write(&mut send, &w, lz4).await?;
                 }
                 f => write_frame(&mut send, &f).await?,
