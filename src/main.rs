@@ -542,16 +542,20 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
                 println!("no restore points");
             } else {
                 println!(
-                    "{:<26} {:<16} {:<25} {:<10} {:>10}  DISKS",
-                    "ID", "SOURCE", "CREATED", "TRIGGER", "STORED"
+                    "{:<26} {:<16} {:<25} {:<10} {:>10} {:<12} DISKS",
+                    "ID", "SOURCE", "CREATED", "TRIGGER", "STORED", "POINT"
                 );
                 for m in &list {
                     let disks: Vec<&str> = m["disks"]
                         .as_array()
                         .map(|a| a.iter().filter_map(|d| d["id"].as_str()).collect())
                         .unwrap_or_default();
+                    let point = match m["consistency"].as_str() {
+                        Some("one-instant") => "one-instant",
+                        _ => "best-effort",
+                    };
                     println!(
-                        "{:<26} {:<16} {:<25} {:<10} {:>10}  {}",
+                        "{:<26} {:<16} {:<25} {:<10} {:>10} {:<12} {}",
                         m["id"].as_str().unwrap_or("?"),
                         m["source"].as_str().unwrap_or("?"),
                         m["created_at"].as_str().unwrap_or("?"),
@@ -560,6 +564,7 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
                             .as_u64()
                             .map(human)
                             .unwrap_or_else(|| "-".into()),
+                        point,
                         disks.join(",")
                     );
                 }

@@ -384,6 +384,9 @@ fn a_restore_point_of_a_mounted_device_freezes_it_briefly() {
         log.contains("filesystems frozen: one instant"),
         "the marker was placed under a freeze:\n{log}"
     );
+    let listed = server.restore_points();
+    let point = listed.iter().find(|m| m["id"] == rp.as_str()).unwrap();
+    assert_eq!(point["consistency"], "one-instant", "{point}");
     let out = d.path().join("rp.img");
     server.export(&rp, &disk_id, &out);
     let fsck = Command::new("e2fsck")

@@ -84,6 +84,7 @@ fn pruning_over_simulated_weeks_never_breaks_a_survivor() {
                 pause_ms: 0,
                 remote: vec![],
                 duration_ms: 0,
+                consistency: None,
             };
             store.commit(&m).unwrap();
             changes = ChangeMap::new(size, Some(id.clone()));

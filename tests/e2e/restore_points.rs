@@ -516,10 +516,14 @@ fn a_reconnect_during_a_capture_does_not_leak_later_writes_into_the_restore_poin
         Duration::from_secs(120),
         || !server.restore_points().is_empty(),
     );
-    let rp = server.restore_points()[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let listed = server.restore_points();
+    let rp = listed[0]["id"].as_str().unwrap().to_string();
+    // An image file cannot be frozen: the point says so.
+    let c = listed[0]["consistency"].as_str().unwrap();
+    assert!(
+        c.starts_with("crash-consistent-best-effort") && c.contains("not a block device"),
+        "{c}"
+    );
     let exported = d.path().join("rp.img");
     server.export(&rp, "g.img", &exported);
     assert_same(&at_marker, &exported, 8 << 20);

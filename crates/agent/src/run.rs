@@ -241,6 +241,9 @@ pub(crate) struct Shared {
     pub freezes: Mutex<Vec<Duration>>,
     /// Per disk, the server's chunk hashes during a checksum resync.
     pub peer_hashes: Vec<crate::resync::PeerHashes>,
+    /// Marker notes for the server (how consistent each point is), sent by the session.
+    pub notes: Mutex<std::collections::VecDeque<slipway_proto::MarkerNote>>,
+    pub notes_wake: Notify,
 }
 
 impl Shared {
@@ -416,6 +419,8 @@ pub async fn replicate_until(
         freeze_off,
         freezes: Mutex::new(Vec::new()),
         peer_hashes: (0..n).map(|_| Default::default()).collect(),
+        notes: Mutex::new(std::collections::VecDeque::new()),
+        notes_wake: Notify::new(),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),
@@ -730,6 +735,17 @@ async fn marker_loop(
                 let _ = w.await;
             }
         }
+        // Known now, before the thaw: the data the marker covers was read while the
+        // filesystems were frozen (or not). Sent ahead of the marker, for the point's record.
+        let note = marker_note(&shared, marker_id, frozen.as_ref());
+        {
+            let mut q = shared.notes.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= 64 {
+                q.pop_front();
+            }
+            q.push_back(note);
+        }
+        shared.notes_wake.notify_one();
         let seq = shared.lock().place_marker(marker_id);
         for n in &shared.send_wake {
             n.notify_one();
@@ -766,6 +782,46 @@ async fn marker_loop(
             ),
             None => info!(marker_id, seq, "consistency marker placed"),
         }
+    }
+}
+
+/// How consistent the point of `marker_id` is, as the agent knows it when it places the
+/// marker: one instant if every writable filesystem on the source disks stayed frozen while
+/// the marker's data was read.
+fn marker_note(
+    shared: &Shared,
+    marker_id: u64,
+    frozen: Option<&crate::freeze::Frozen>,
+) -> slipway_proto::MarkerNote {
+    let (one_instant, freeze_us, reason) = match frozen {
+        Some(f) => {
+            let mut why = f.report().best_effort_reasons();
+            if f.expired() {
+                why.push(format!(
+                    "the freeze reached --max-freeze ({:?}) before the marker",
+                    shared.cfg.max_freeze
+                ));
+            }
+            let started = f.deadline() - shared.cfg.max_freeze;
+            let us = started.elapsed().as_micros() as u64;
+            (why.is_empty(), us, why.join("; "))
+        }
+        None => (
+            false,
+            0,
+            shared
+                .freeze_off
+                .clone()
+                .unwrap_or_else(|| "the source's filesystems could not be frozen".into()),
+        ),
+    };
+    let mut reason = reason;
+    reason.truncate(1024);
+    slipway_proto::MarkerNote {
+        marker_id,
+        one_instant,
+        freeze_us,
+        reason,
     }
 }
 

@@ -140,7 +140,9 @@ impl Link {
         let hello = Hello {
             version_min: 0,
             version_max: 0,
-            features: features::HASHES | if cfg.compress { features::LZ4 } else { 0 },
+            features: features::HASHES
+                | features::MARKER_NOTES
+                | if cfg.compress { features::LZ4 } else { 0 },
             // Random per run: the server resumes only within one run (a run saved at a clean
             // stop goes on in the next process, see `persist`).
             agent_run,
@@ -284,6 +286,15 @@ async fn drive(
 
     loop {
         tokio::select! {
+            _ = shared.notes_wake.notified() => {
+                // How consistent each new marker's point is, for the restore point's record.
+                let notes: Vec<_> = shared.notes.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+                if neg.features & features::MARKER_NOTES != 0 {
+                    for n in notes {
+                        write_frame(&mut ctl, &Frame::MarkerNote(n)).await?;
+                    }
+                }
+            }
             _ = shutdown_requested(shutdown) => {
                 // Tell the server where each disk stands before leaving.
                 send_progress(&mut ctl, shared, &handles, &mut reported, true).await?;

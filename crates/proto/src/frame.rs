@@ -50,6 +50,7 @@ pub enum FrameType {
     MarkerRequest = 0x0D,
     HashRequest = 0x0E,
     ChunkHashes = 0x0F,
+    MarkerNote = 0x10,
 }
 
 impl FrameType {
@@ -71,6 +72,7 @@ impl FrameType {
             0x0D => MarkerRequest,
             0x0E => HashRequest,
             0x0F => ChunkHashes,
+            0x10 => MarkerNote,
             _ => return None,
         })
     }
@@ -292,6 +294,19 @@ pub struct ChunkHashes {
     pub hashes: Vec<u64>,
 }
 
+/// Agent → server on the control stream (feature [`crate::features::MARKER_NOTES`]): how
+/// consistent the point of marker `marker_id` is, sent before the marker itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkerNote {
+    pub marker_id: u64,
+    /// True: the source's filesystems were frozen while the marker's data was read (one
+    /// instant across them). False: crash-consistent at best, for `reason`.
+    pub one_instant: bool,
+    /// How long the source was frozen, microseconds (0: no freeze).
+    pub freeze_us: u64,
+    pub reason: String,
+}
+
 /// Replication phase the agent reports for a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -485,6 +500,7 @@ pub enum Frame {
     MarkerRequest(MarkerRequest),
     HashRequest(HashRequest),
     ChunkHashes(ChunkHashes),
+    MarkerNote(MarkerNote),
 }
 
 impl Frame {
@@ -505,6 +521,7 @@ impl Frame {
             Frame::MarkerRequest(_) => FrameType::MarkerRequest,
             Frame::HashRequest(_) => FrameType::HashRequest,
             Frame::ChunkHashes(_) => FrameType::ChunkHashes,
+            Frame::MarkerNote(_) => FrameType::MarkerNote,
         }
     }
 
@@ -584,6 +601,12 @@ impl Frame {
             Frame::HashRequest(h) => {
                 body.put_u32(h.handle);
                 body.put_u32(h.chunk_size);
+            }
+            Frame::MarkerNote(n) => {
+                body.put_u64(n.marker_id);
+                body.put_u8(u8::from(n.one_instant));
+                body.put_u64(n.freeze_us);
+                put_str(&mut body, &n.reason, MAX_MESSAGE_LEN);
             }
             Frame::ChunkHashes(c) => {
                 assert!(c.hashes.len() <= MAX_HASHES_PER_FRAME, "too many hashes");
@@ -732,6 +755,16 @@ impl Frame {
             }),
             FrameType::MarkerRequest => Frame::MarkerRequest(MarkerRequest {
                 marker_id: r.u64("marker_id")?,
+            }),
+            FrameType::MarkerNote => Frame::MarkerNote(MarkerNote {
+                marker_id: r.u64("marker_id")?,
+                one_instant: match r.u8("one_instant")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(r.bad("one_instant", "not 0 or 1")),
+                },
+                freeze_us: r.u64("freeze_us")?,
+                reason: r.string("reason", MAX_MESSAGE_LEN)?,
             }),
             FrameType::HashRequest => Frame::HashRequest(HashRequest {
                 handle: r.u32("handle")?,
@@ -978,6 +1011,12 @@ mod tests {
             Frame::HashRequest(HashRequest {
                 handle: 3,
                 chunk_size: 1 << 20,
+            }),
+            Frame::MarkerNote(MarkerNote {
+                marker_id: 8,
+                one_instant: false,
+                freeze_us: 1234,
+                reason: "vfat on /boot/efi cannot be frozen".into(),
             }),
             Frame::ChunkHashes(ChunkHashes {
                 handle: 3,

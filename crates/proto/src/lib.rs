@@ -17,8 +17,8 @@ pub mod handshake;
 pub use frame::DecodeError;
 pub use frame::{
     Ack, ChunkHashes, Decoder, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, FrameHeader,
-    FrameType, HashRequest, Hello, Marker, MarkerRequest, Phase, Progress, ResumeKind, StreamBind,
-    Welcome, Write, WriteZeroes, FLAG_LZ4, HEADER_LEN, MAX_HASHES_PER_FRAME, NO_HANDLE,
+    FrameType, HashRequest, Hello, Marker, MarkerNote, MarkerRequest, Phase, Progress, ResumeKind,
+    StreamBind, Welcome, Write, WriteZeroes, FLAG_LZ4, HEADER_LEN, MAX_HASHES_PER_FRAME, NO_HANDLE,
 };
 pub use handshake::{ClientHandshake, HandshakeError, Negotiated, ServerHandshake, ServerParams};
 
@@ -44,8 +44,10 @@ pub mod features {
     /// Checksum resync: the agent may ask for the hashes of what a volume holds
     /// ([`super::HashRequest`]) and send only the chunks that differ.
     pub const HASHES: u32 = 1 << 1;
+    /// The agent says how consistent each marker's point is ([`super::MarkerNote`]).
+    pub const MARKER_NOTES: u32 = 1 << 2;
     /// All features this build understands.
-    pub const ALL: u32 = LZ4 | HASHES;
+    pub const ALL: u32 = LZ4 | HASHES | MARKER_NOTES;
 }
 
 /// Longest source or disk id, in bytes.

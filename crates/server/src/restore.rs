@@ -84,6 +84,10 @@ pub(crate) struct RestorePoints {
     next_marker: AtomicU64,
     /// Per source, for metrics and status.
     pub summary: Mutex<HashMap<String, Summary>>,
+    /// What agents said of their markers' consistency, by marker id, until a restore point
+    /// takes it (only markers a restore point is waiting for are kept).
+    notes: Mutex<HashMap<u64, slipway_proto::MarkerNote>>,
+    notes_wake: tokio::sync::Notify,
 }
 
 impl RestorePoints {
@@ -93,6 +97,8 @@ impl RestorePoints {
             locks: Mutex::new(HashMap::new()),
             next_marker: AtomicU64::new(now_ms()),
             summary: Mutex::new(HashMap::new()),
+            notes: Mutex::new(HashMap::new()),
+            notes_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -122,6 +128,44 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+impl RestorePoints {
+    /// Keeps an agent's note on marker `n.marker_id`, if a restore point of this connection
+    /// waits for that marker (`pending`); anything else is dropped, so a peer cannot grow it.
+    pub(crate) fn note(&self, n: slipway_proto::MarkerNote, pending: bool) {
+        if pending {
+            self.notes.lock().unwrap().insert(n.marker_id, n);
+            self.notes_wake.notify_waiters();
+        }
+    }
+
+    /// The note on `marker_id`, waiting up to `limit` for it.
+    async fn take_note(
+        &self,
+        marker_id: u64,
+        limit: Duration,
+    ) -> Option<slipway_proto::MarkerNote> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let wake = self.notes_wake.notified();
+            if let Some(n) = self.notes.lock().unwrap().remove(&marker_id) {
+                return Some(n);
+            }
+            if tokio::time::timeout_at(deadline, wake).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// The manifest's record of how consistent a point is.
+fn consistency_label(n: &slipway_proto::MarkerNote) -> String {
+    if n.one_instant {
+        "one-instant".into()
+    } else {
+        format!("crash-consistent-best-effort: {}", n.reason)
+    }
 }
 
 /// A fresh restore point id: sortable by time, unique.
@@ -383,6 +427,17 @@ impl Inner {
             d.slot.status.lock().unwrap().creating_snapshot = false;
         }
 
+        // The agent says how consistent the point is (it froze the source, or could not), on
+        // the control stream, ahead of the marker; an agent that does not is best-effort.
+        let consistency = if conn.marker_notes {
+            self.rp
+                .take_note(marker_id, Duration::from_secs(2))
+                .await
+                .map(|n| consistency_label(&n))
+        } else {
+            None
+        };
+        self.rp.notes.lock().unwrap().remove(&marker_id);
         let jobs: Vec<(String, u64, u32, Arc<Capture>)> = disks
             .iter()
             .zip(&cleanup.captures)
@@ -425,6 +480,7 @@ impl Inner {
                 pause_ms: pause.as_millis() as u64,
                 remote,
                 duration_ms: started.elapsed().as_millis() as u64,
+                consistency,
             };
             slipway_store::failpoint("snapshot-before-manifest");
             store.commit(&m)?;
@@ -694,6 +750,7 @@ pub fn manifest_json(m: &Manifest) -> serde_json::Value {
         "size_bytes": m.size_bytes,
         "pause_ms": m.pause_ms,
         "duration_ms": m.duration_ms,
+        "consistency": m.consistency.as_deref().unwrap_or("crash-consistent-best-effort: the agent did not say"),
         "disks": m.disks.iter().map(|d| serde_json::json!({
             "id": d.id,
             "size_bytes": d.size,

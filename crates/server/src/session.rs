@@ -86,6 +86,8 @@ pub(crate) struct Conn {
     pub source: String,
     /// Id of the token the agent presented (to close it on revocation).
     pub token_id: Option<String>,
+    /// The agent sends MarkerNote frames (feature MARKER_NOTES).
+    pub marker_notes: bool,
     agent_run: u64,
     /// LZ4 write payloads were negotiated.
     lz4: bool,
@@ -176,6 +178,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
     };
     let mut hs = ServerHandshake::new(ServerParams {
         features: features::HASHES
+            | features::MARKER_NOTES
             | if inner.settings.compression {
                 features::LZ4
             } else {
@@ -269,6 +272,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         conn: conn.clone(),
         source: negotiated.source_id.clone(),
         token_id,
+        marker_notes: negotiated.features & features::MARKER_NOTES != 0,
         agent_run: negotiated.agent_run,
         lz4: negotiated.lz4(),
         peer,
@@ -504,6 +508,11 @@ async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorF
             }
         }
         Frame::HashRequest(h) => Ok(hash_request(c, h)),
+        Frame::MarkerNote(n) => {
+            let pending = c.markers.lock().unwrap().contains_key(&n.marker_id);
+            c.inner.rp.note(n, pending);
+            Ok(None)
+        }
         Frame::Heartbeat(_) => Ok(None),
         other => {
             c.inner.metrics.reject("malformed");

@@ -75,6 +75,11 @@ pub struct Manifest {
     pub remote: Vec<RemoteRef>,
     /// From the request to the manifest, ms.
     pub duration_ms: u64,
+    /// How consistent the point is, as the agent reported it: `one-instant` (the source's
+    /// filesystems were frozen while its data was read) or `crash-consistent-best-effort:
+    /// <why>`. `None`: the agent did not say (an older agent), which is best-effort too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
 }
 
 /// One disk's remote snapshot.
@@ -477,6 +482,7 @@ mod tests {
             pause_ms: 0,
             remote: vec![],
             duration_ms: 0,
+            consistency: None,
         }
     }
 
