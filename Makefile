@@ -73,3 +73,11 @@ ami:
 	packer init ami/slipway.pkr.hcl
 	packer build -var region=$(AMI_REGION) -var version=$(AMI_VERSION) -var base_ami=$(AMI_BASE) \
 	    -var architecture=$(AMI_ARCH) -var binary=$(CURDIR)/target/release/slipway ami/slipway.pkr.hcl
+
+## Debian package of the agent (issue 11 item 5): target/debian/slipway-agent_<version>_<arch>.deb
+## with /usr/bin/slipway-agent, its systemd unit (installed, not enabled) and an example
+## /etc/slipway/agent.toml (docs/agent.md). Needs dpkg-deb (every Debian has it).
+.PHONY: deb
+deb:
+	$(CARGO) build --release -p slipway --bin slipway-agent
+	bash packaging/build-deb.sh

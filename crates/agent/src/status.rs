@@ -189,7 +189,7 @@ pub fn render(st: &Status, live: &Liveness, now_ms: u64) -> String {
     if st.follow {
         let freeze = match &st.freeze_off {
             None => "filesystems frozen around each marker".to_string(),
-            Some(why) => format!("not frozen ({why}): crash-consistent at best"),
+            Some(why) => format!("not frozen ({why}): crash-consistent-best-effort"),
         };
         let _ = writeln!(out, "restore points: {freeze}");
     }
