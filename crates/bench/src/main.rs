@@ -6,6 +6,7 @@
 //! `cleanup` (removes network namespaces a killed run left behind).
 
 mod linkemu;
+mod live;
 mod report;
 mod scenarios;
 mod slipway;
@@ -33,7 +34,8 @@ struct Cli {
     /// One run per figure and smaller sizes: to try it out (writes target/bench/benchmarks.md).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (repeatable): 1 2 3 4 5 6 7 profile. 7 is derived from 1.
+    /// Run only these scenarios (repeatable): 1 2 3 4 5 6 7 8 profile. 7 is derived from 1;
+    /// 8 (a live source: loop device + ext4) needs root and is one pair whatever --runs says.
     #[arg(long = "scenario", value_name = "N")]
     scenarios: Vec<String>,
     /// Runs per figure (default 3; 1 with --quick).
@@ -53,13 +55,22 @@ struct Cli {
     /// stay inside it.
     #[arg(long, default_value_t = 19 * 60)]
     budget: u64,
+    /// Also write the run's own sections (scenario 8's) into this markdown file (e.g.
+    /// docs/benchmarks.md): each replaces the section of the same heading or is appended,
+    /// the rest of the file is left as it is.
+    #[arg(long, value_name = "FILE")]
+    splice_into: Option<PathBuf>,
+    /// A sentence about the conditions of this run (e.g. what else ran on the machine),
+    /// printed at the top of the run's own sections.
+    #[arg(long, value_name = "TEXT")]
+    remark: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Sub {
     /// The userspace link emulator (two TUN devices in two namespaces).
     Linkemu(linkemu::LinkArgs),
-    /// Delete network namespaces left by an interrupted run.
+    /// Delete network namespaces, mounts and loop devices left by an interrupted run.
     Cleanup,
 }
 
@@ -87,6 +98,8 @@ pub struct Ctx {
     pub self_exe: PathBuf,
     /// Median slipway rate of scenario 1 per run (bytes/s), for scenario 3's ratios.
     pub s1_rates: Vec<f64>,
+    /// --remark: conditions of this run, for the sections of their own.
+    pub remark: Option<String>,
 }
 
 impl Ctx {
@@ -120,6 +133,7 @@ fn main() -> std::process::ExitCode {
         },
         Some(Sub::Cleanup) => {
             scenarios::cleanup_namespaces();
+            live::cleanup_loops();
             std::process::ExitCode::SUCCESS
         }
         None => match bench(cli) {
@@ -139,7 +153,7 @@ fn bench(cli: Cli) -> Result<()> {
         agent: std::fs::canonicalize(cli.bin_dir.join("slipway-agent"))
             .with_context(|| format!("no slipway-agent binary in {}", cli.bin_dir.display()))?,
     };
-    let all = ["1", "profile", "6", "3", "4", "5", "2"];
+    let all = ["1", "profile", "6", "3", "4", "5", "8", "2"];
     let mut want: Vec<String> = if cli.scenarios.is_empty() {
         all.iter().map(|s| s.to_string()).collect()
     } else {
@@ -150,7 +164,7 @@ fn bench(cli: Cli) -> Result<()> {
             *w = "1".into();
         }
         if !all.contains(&w.as_str()) {
-            bail!("unknown scenario {w}: expected one of 1 2 3 4 5 6 7 profile");
+            bail!("unknown scenario {w}: expected one of 1 2 3 4 5 6 7 8 profile");
         }
     }
     let full = cli.scenarios.is_empty() && !cli.quick && cli.runs.unwrap_or(3) >= 3;
@@ -183,6 +197,7 @@ fn bench(cli: Cli) -> Result<()> {
         report: Report::default(),
         self_exe: std::env::current_exe()?,
         s1_rates: Vec::new(),
+        remark: cli.remark.clone(),
     };
     scenarios::cleanup_namespaces();
     machine_info(&mut ctx);
@@ -197,7 +212,7 @@ fn bench(cli: Cli) -> Result<()> {
         cli.budget,
         work.display()
     );
-    for s in ["1", "profile", "6", "3", "4", "5", "2"] {
+    for s in all {
         if !want.iter().any(|w| w == s) {
             continue;
         }
@@ -213,6 +228,7 @@ fn bench(cli: Cli) -> Result<()> {
             "3" => scenarios::s3_many_agents(&mut ctx),
             "4" => scenarios::s4_continuous(&mut ctx),
             "5" => scenarios::s5_restore_points(&mut ctx),
+            "8" => live::s8_live_source(&mut ctx),
             "2" => scenarios::s2_lossy_wan(&mut ctx),
             _ => unreachable!(),
         };
@@ -260,6 +276,20 @@ fn bench(cli: Cli) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, ctx.report.markdown())?;
+    if let Some(doc) = &cli.splice_into {
+        if ctx.report.sections.is_empty() {
+            eprintln!(
+                "slipway-bench: no section to write into {} (nothing measured)",
+                doc.display()
+            );
+        } else {
+            live::splice_sections(doc, &ctx.report.sections)?;
+            eprintln!(
+                "slipway-bench: wrote this run's sections into {}",
+                doc.display()
+            );
+        }
+    }
     if std::env::var_os("SLIPWAY_BENCH_KEEP").is_none() {
         util::remove(&work);
     }

@@ -31,6 +31,8 @@ pub struct Report {
     pub profile: Vec<String>,
     pub machine: Vec<(String, String)>,
     pub header: Vec<String>,
+    /// Whole sections of their own (heading, markdown body), e.g. scenario 8's.
+    pub sections: Vec<(String, String)>,
 }
 
 /// "1.23 [1.10–1.40]" or "n/a".
@@ -137,6 +139,10 @@ impl Report {
             for l in &self.profile {
                 let _ = writeln!(s, "{l}");
             }
+        }
+        for (title, body) in &self.sections {
+            let _ = writeln!(s, "\n## {title}\n");
+            let _ = writeln!(s, "{}", body.trim_end());
         }
         if !self.notes.is_empty() {
             let _ = writeln!(s, "\n## Notes per scenario\n");

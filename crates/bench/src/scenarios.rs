@@ -32,7 +32,7 @@ fn cmdline(cmd: &Command) -> String {
     parts.join(" ")
 }
 
-fn record(ctx: &mut Ctx, id: &str, cmd: &Command) {
+pub(crate) fn record(ctx: &mut Ctx, id: &str, cmd: &Command) {
     let mut line = cmdline(cmd);
     let work = ctx.work.display().to_string();
     line = line.replace(&work, "$WORK");
@@ -421,7 +421,7 @@ fn slipway_sync(ctx: &mut Ctx, src: &Path, size: u64, o: &SyncOpts) -> Result<Sl
     result
 }
 
-fn record_agent(ctx: &mut Ctx, id: &str, a: &AgentSpec, server: &Server) {
+pub(crate) fn record_agent(ctx: &mut Ctx, id: &str, a: &AgentSpec, server: &Server) {
     let mut cmd = slipway::command_in(a.netns, &ctx.bins.agent);
     cmd.arg("replicate")
         .args(["--server", a.server])
