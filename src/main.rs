@@ -460,6 +460,13 @@ fn print_status(s: &slipway_server::status::StatusReport) {
                     .unwrap_or_else(|| "-".into()),
                 last
             );
+            match (d.tracking.as_deref(), &d.tracking_reason) {
+                (Some(t), Some(why)) => {
+                    println!("{:<20} {:<16}   tracking: {t} ({why})", "", "")
+                }
+                (Some(t), None) => println!("{:<20} {:<16}   tracking: {t}", "", ""),
+                _ => {}
+            }
             if let Some(r) = &d.reason {
                 println!("{:<20} {:<16}   reason: {r}", "", "");
             }

@@ -475,6 +475,15 @@ fn a_new_agent_run_sends_only_the_chunks_that_differ() {
         identical,
         || a.log_text(),
     );
+    // An image file: the agent rereads it and says why (the server shows it).
+    let disk = server.disk_report("crc", "disk.img");
+    assert_eq!(disk["tracking"], "rescan", "{disk}");
+    assert!(
+        disk["tracking_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("block device")),
+        "{disk}"
+    );
     // The agent crashes; the source changes meanwhile: 3 whole chunks (1 MiB each).
     a.child.kill().unwrap();
     a.child.wait().unwrap();

@@ -300,6 +300,12 @@ fn kernel_tracked_writes_reach_the_replica_without_a_rescan() {
         "{}",
         agent.log_text()
     );
+    let disk = server.disk_report("trk", &disk_id);
+    assert_eq!(disk["tracking"], "kernel", "{disk}");
+    let metrics = server.http_get("/metrics").1;
+    let line =
+        format!("slipway_disk_tracking{{disk=\"{disk_id}\",mode=\"kernel\",source=\"trk\"}} 1");
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
     // The scheduler's first restore point asks the agent to look for changes before its
     // marker; let it pass first, so only the tracker can bring what is written below.
     wait_until(

@@ -244,6 +244,8 @@ pub(crate) struct Shared {
     /// Marker notes for the server (how consistent each point is), sent by the session.
     pub notes: Mutex<std::collections::VecDeque<slipway_proto::MarkerNote>>,
     pub notes_wake: Notify,
+    /// A disk's tracking mode changed: send TrackingNotes again.
+    pub tracking_changed: AtomicBool,
 }
 
 impl Shared {
@@ -283,6 +285,9 @@ impl Shared {
         if let Some(why) = self.tracker.as_ref().and_then(Tracker::stopped) {
             if !self.tracker_down.swap(true, Ordering::AcqRel) {
                 warn!(%why, "kernel write tracking stopped: rescanning every disk from now on");
+                // Tell the server (its status shows each disk's tracking mode).
+                self.tracking_changed.store(true, Ordering::Release);
+                self.notes_wake.notify_one();
             }
             return None;
         }
@@ -293,6 +298,31 @@ impl Shared {
             return None;
         }
         Some(d.clone())
+    }
+
+    /// How `disk`'s changes are found now, and why not in the kernel (for the server's
+    /// status and metrics).
+    pub fn tracking_note(&self, disk: usize) -> (slipway_proto::Tracking, String) {
+        use slipway_proto::Tracking as T;
+        if !self.cfg.follow {
+            return (T::None, "one pass, not following".into());
+        }
+        match &self.tracking[disk] {
+            Tracking::Kernel(_) if !self.tracker_down.load(Ordering::Acquire) => {
+                (T::Kernel, String::new())
+            }
+            Tracking::Kernel(_) => (
+                T::Rescan,
+                format!(
+                    "kernel write tracking stopped: {}",
+                    self.tracker
+                        .as_ref()
+                        .and_then(Tracker::stopped)
+                        .unwrap_or_default()
+                ),
+            ),
+            Tracking::Rescan(why) => (T::Rescan, why.clone()),
+        }
     }
 
     /// Whether the next follow pass of `disk` will read only what the kernel marked.
@@ -421,6 +451,7 @@ pub async fn replicate_until(
         peer_hashes: (0..n).map(|_| Default::default()).collect(),
         notes: Mutex::new(std::collections::VecDeque::new()),
         notes_wake: Notify::new(),
+        tracking_changed: AtomicBool::new(false),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),

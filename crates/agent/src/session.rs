@@ -142,6 +142,7 @@ impl Link {
             version_max: 0,
             features: features::HASHES
                 | features::MARKER_NOTES
+                | features::TRACKING_NOTES
                 | if cfg.compress { features::LZ4 } else { 0 },
             // Random per run: the server resumes only within one run (a run saved at a clean
             // stop goes on in the next process, see `persist`).
@@ -294,6 +295,15 @@ async fn drive(
                         write_frame(&mut ctl, &Frame::MarkerNote(n)).await?;
                     }
                 }
+                if shared.tracking_changed.swap(false, std::sync::atomic::Ordering::AcqRel)
+                    && neg.features & features::TRACKING_NOTES != 0
+                {
+                    for (disk, h) in handles.iter().enumerate() {
+                        if let Some(h) = h {
+                            send_tracking_note(&mut ctl, shared, disk, *h).await?;
+                        }
+                    }
+                }
             }
             _ = shutdown_requested(shutdown) => {
                 // Tell the server where each disk stands before leaving.
@@ -347,6 +357,9 @@ async fn drive(
                             peer.give_up();
                         }
                         apply_open(shared, disk, epoch, &o, neg.max_write)?;
+                        if neg.features & features::TRACKING_NOTES != 0 {
+                            send_tracking_note(&mut ctl, shared, disk, o.handle).await?;
+                        }
                         if ask {
                             let f = Frame::HashRequest(slipway_proto::HashRequest {
                                 handle: o.handle,
@@ -399,6 +412,24 @@ async fn drive(
             }
         }
     }
+}
+
+/// Tells the server how the disk's changes are found (kernel tracking or rescans, and why).
+async fn send_tracking_note(
+    ctl: &mut quinn::SendStream,
+    shared: &Shared,
+    disk: usize,
+    handle: u32,
+) -> Result<(), SessionError> {
+    let (tracking, mut reason) = shared.tracking_note(disk);
+    reason.truncate(1024);
+    let f = Frame::TrackingNote(slipway_proto::TrackingNote {
+        handle,
+        tracking,
+        reason,
+    });
+    write_frame(ctl, &f).await?;
+    Ok(())
 }
 
 async fn send_open(

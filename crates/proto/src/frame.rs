@@ -51,6 +51,7 @@ pub enum FrameType {
     HashRequest = 0x0E,
     ChunkHashes = 0x0F,
     MarkerNote = 0x10,
+    TrackingNote = 0x11,
 }
 
 impl FrameType {
@@ -73,6 +74,7 @@ impl FrameType {
             0x0E => HashRequest,
             0x0F => ChunkHashes,
             0x10 => MarkerNote,
+            0x11 => TrackingNote,
             _ => return None,
         })
     }
@@ -307,6 +309,37 @@ pub struct MarkerNote {
     pub reason: String,
 }
 
+/// How the agent finds a disk's changes in follow mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tracking {
+    /// Not following (one pass), or not known yet.
+    None = 0,
+    /// The kernel reports every write (tracefs): only what changed is read.
+    Kernel = 1,
+    /// The disk is reread every rescan interval.
+    Rescan = 2,
+}
+
+impl Tracking {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tracking::None => "none",
+            Tracking::Kernel => "kernel",
+            Tracking::Rescan => "rescan",
+        }
+    }
+}
+
+/// Agent → server on the control stream (feature [`crate::features::TRACKING_NOTES`]): how
+/// the agent finds the changes of the disk behind `handle`, and why not in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackingNote {
+    pub handle: u32,
+    pub tracking: Tracking,
+    pub reason: String,
+}
+
 /// Replication phase the agent reports for a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -501,6 +534,7 @@ pub enum Frame {
     HashRequest(HashRequest),
     ChunkHashes(ChunkHashes),
     MarkerNote(MarkerNote),
+    TrackingNote(TrackingNote),
 }
 
 impl Frame {
@@ -522,6 +556,7 @@ impl Frame {
             Frame::HashRequest(_) => FrameType::HashRequest,
             Frame::ChunkHashes(_) => FrameType::ChunkHashes,
             Frame::MarkerNote(_) => FrameType::MarkerNote,
+            Frame::TrackingNote(_) => FrameType::TrackingNote,
         }
     }
 
@@ -601,6 +636,11 @@ impl Frame {
             Frame::HashRequest(h) => {
                 body.put_u32(h.handle);
                 body.put_u32(h.chunk_size);
+            }
+            Frame::TrackingNote(n) => {
+                body.put_u32(n.handle);
+                body.put_u8(n.tracking as u8);
+                put_str(&mut body, &n.reason, MAX_MESSAGE_LEN);
             }
             Frame::MarkerNote(n) => {
                 body.put_u64(n.marker_id);
@@ -755,6 +795,16 @@ impl Frame {
             }),
             FrameType::MarkerRequest => Frame::MarkerRequest(MarkerRequest {
                 marker_id: r.u64("marker_id")?,
+            }),
+            FrameType::TrackingNote => Frame::TrackingNote(TrackingNote {
+                handle: r.u32("handle")?,
+                tracking: match r.u8("tracking")? {
+                    0 => Tracking::None,
+                    1 => Tracking::Kernel,
+                    2 => Tracking::Rescan,
+                    _ => return Err(r.bad("tracking", "unknown tracking mode")),
+                },
+                reason: r.string("reason", MAX_MESSAGE_LEN)?,
             }),
             FrameType::MarkerNote => Frame::MarkerNote(MarkerNote {
                 marker_id: r.u64("marker_id")?,
@@ -1011,6 +1061,11 @@ mod tests {
             Frame::HashRequest(HashRequest {
                 handle: 3,
                 chunk_size: 1 << 20,
+            }),
+            Frame::TrackingNote(TrackingNote {
+                handle: 2,
+                tracking: Tracking::Rescan,
+                reason: "not root".into(),
             }),
             Frame::MarkerNote(MarkerNote {
                 marker_id: 8,

@@ -18,7 +18,8 @@ pub use frame::DecodeError;
 pub use frame::{
     Ack, ChunkHashes, Decoder, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, FrameHeader,
     FrameType, HashRequest, Hello, Marker, MarkerNote, MarkerRequest, Phase, Progress, ResumeKind,
-    StreamBind, Welcome, Write, WriteZeroes, FLAG_LZ4, HEADER_LEN, MAX_HASHES_PER_FRAME, NO_HANDLE,
+    StreamBind, Tracking, TrackingNote, Welcome, Write, WriteZeroes, FLAG_LZ4, HEADER_LEN,
+    MAX_HASHES_PER_FRAME, NO_HANDLE,
 };
 pub use handshake::{ClientHandshake, HandshakeError, Negotiated, ServerHandshake, ServerParams};
 
@@ -46,8 +47,10 @@ pub mod features {
     pub const HASHES: u32 = 1 << 1;
     /// The agent says how consistent each marker's point is ([`super::MarkerNote`]).
     pub const MARKER_NOTES: u32 = 1 << 2;
+    /// The agent says how it finds each disk's changes ([`super::TrackingNote`]).
+    pub const TRACKING_NOTES: u32 = 1 << 3;
     /// All features this build understands.
-    pub const ALL: u32 = LZ4 | HASHES | MARKER_NOTES;
+    pub const ALL: u32 = LZ4 | HASHES | MARKER_NOTES | TRACKING_NOTES;
 }
 
 /// Longest source or disk id, in bytes.

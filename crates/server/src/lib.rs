@@ -163,6 +163,12 @@ impl Inner {
                     .with_label_values(&[&slot.source, &slot.disk, s])
                     .set((*s == state) as i64);
             }
+            let mode = st.tracking.as_ref().map_or("unknown", |t| t.0.as_str());
+            for t in metrics::TRACKING {
+                m.disk_tracking
+                    .with_label_values(&[&slot.source, &slot.disk, t])
+                    .set((*t == mode) as i64);
+            }
             m.backlog_bytes
                 .with_label_values(&l)
                 .set(st.backlog_bytes as i64);
@@ -242,6 +248,12 @@ impl Inner {
                 lag_seconds: st.lag(now, stall),
                 eta_seconds: st.eta(),
                 rate_bytes_per_second: st.rate,
+                tracking: st.tracking.as_ref().map(|t| t.0.clone()),
+                tracking_reason: st
+                    .tracking
+                    .as_ref()
+                    .map(|t| t.1.clone())
+                    .filter(|r| !r.is_empty()),
             });
         }
         for src in sources.values_mut() {

@@ -31,6 +31,9 @@ pub const STATES: &[&str] = &[
 ];
 
 /// Reasons a frame or request is refused (the `reason` label's closed set).
+/// Values of the `mode` label of `slipway_disk_tracking`.
+pub const TRACKING: &[&str] = &["kernel", "rescan", "none", "unknown"];
+
 pub const REJECT_REASONS: &[&str] = &[
     "malformed",
     "too_large",
@@ -60,6 +63,7 @@ pub struct Metrics {
     pub disk_errors: IntCounterVec,
     pub throttle_wait_seconds: prometheus::Counter,
     pub disk_state: IntGaugeVec,
+    pub disk_tracking: IntGaugeVec,
     pub backlog_bytes: IntGaugeVec,
     pub lag_seconds: prometheus::GaugeVec,
     pub disk_size_bytes: IntGaugeVec,
@@ -218,6 +222,17 @@ impl Metrics {
                         "Replication state of a disk: 1 for its current state, 0 for the others.",
                     ),
                     &["source", "disk", "state"],
+                )
+                .unwrap(),
+            ),
+            disk_tracking: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "slipway_disk_tracking",
+                        "How the agent finds a disk's changes: 1 for its current mode (kernel: writes tracked in the kernel; rescan: the disk is reread; none: one pass; unknown: not said or not connected), 0 for the others.",
+                    ),
+                    &["source", "disk", "mode"],
                 )
                 .unwrap(),
             ),

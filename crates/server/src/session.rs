@@ -179,6 +179,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
     let mut hs = ServerHandshake::new(ServerParams {
         features: features::HASHES
             | features::MARKER_NOTES
+            | features::TRACKING_NOTES
             | if inner.settings.compression {
                 features::LZ4
             } else {
@@ -508,6 +509,17 @@ async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorF
             }
         }
         Frame::HashRequest(h) => Ok(hash_request(c, h)),
+        Frame::TrackingNote(n) => {
+            let disk = c.disks.lock().unwrap().get(&n.handle).cloned();
+            if let Some(d) = disk {
+                if n.tracking != slipway_proto::Tracking::Kernel {
+                    tracing::info!(source = %c.source, disk = %d.slot.disk, tracking = n.tracking.as_str(), reason = %n.reason, "the agent does not track this disk's writes in the kernel");
+                }
+                d.slot.status.lock().unwrap().tracking =
+                    Some((n.tracking.as_str().to_string(), n.reason));
+            }
+            Ok(None)
+        }
         Frame::MarkerNote(n) => {
             let pending = c.markers.lock().unwrap().contains_key(&n.marker_id);
             c.inner.rp.note(n, pending);
@@ -1235,6 +1247,7 @@ async fn cleanup(c: &Arc<Conn>) {
             st.connected = false;
             st.creating_snapshot = false;
             st.phase = None;
+            st.tracking = None;
         }
         d.lease.lock().unwrap().take();
     }

@@ -72,6 +72,9 @@ pub struct DiskStatus {
     /// Recent durable throughput, bytes per second (exponentially weighted).
     pub rate: f64,
     rate_at: Option<Instant>,
+    /// How the connected agent finds this disk's changes (`kernel`, `rescan`, `none`) and why
+    /// not in the kernel, as it said (`None`: it did not say, or no agent is connected).
+    pub tracking: Option<(String, String)>,
 }
 
 impl DiskStatus {
@@ -82,6 +85,7 @@ impl DiskStatus {
             connected: false,
             peer: None,
             phase: None,
+            tracking: None,
             syncing: ReplState::InitialSync,
             error: None,
             creating_snapshot: false,
@@ -236,6 +240,12 @@ pub struct DiskReport {
     pub lag_seconds: f64,
     pub eta_seconds: Option<f64>,
     pub rate_bytes_per_second: f64,
+    /// How the agent finds changes: `kernel` (write tracking), `rescan`, `none` (one pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<String>,
+    /// Why not `kernel`, as the agent said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_reason: Option<String>,
 }
 
 /// One source in `slipway status --json`.
