@@ -1282,8 +1282,21 @@ fn cpu_model() -> String {
 pub const SECTION_TITLE: &str =
     "Scenario 8: a live source (ext4 on a loop device, written at 20 MB/s)";
 
+/// This invocation as a shell command line (arguments quoted where the shell needs it).
 fn bench_cmdline() -> String {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            if plain {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect();
     format!("./target/release/slipway-bench {}", args.join(" "))
 }
 
