@@ -132,7 +132,20 @@ pub fn pid_alive(pid: u32) -> bool {
     }
     // SAFETY: kill with signal 0 sends nothing; it only checks the pid.
     let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    // A killed agent not yet reaped by its parent is a zombie: gone all the same.
+    exists && !zombie(pid)
+}
+
+/// Whether `/proc/<pid>/stat` says the process has exited (state Z or X).
+fn zombie(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+        })
+        .unwrap_or(false)
 }
 
 /// Now as Unix milliseconds.
@@ -517,9 +530,22 @@ mod tests {
         assert!(pid_alive(std::process::id()));
         assert!(!pid_alive(0));
         assert!(!pid_alive(u32::MAX));
-        // A child that has exited and been reaped.
-        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // A child that was killed and is not reaped yet (a zombie), then reaped.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         let pid = child.id();
+        assert!(pid_alive(pid));
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pid_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a zombie counts as alive"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         child.wait().unwrap();
         assert!(!pid_alive(pid));
     }
