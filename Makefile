@@ -43,10 +43,13 @@ clean:
 ## Kill soak (issue 6): agents in --follow with a changing workload while the server is
 ## kill -9ed at random moments; then every replica and restore point is checked. Bounded by
 ## SOAK_SECONDS (default 10 minutes). Root needed for nothing here.
+## Then the power-cut soak (tests/e2e/powercut.rs, root + /dev/fuse): the server's data dir on
+## slipway-powercut, cut up to POWERCUT_CUTS times (default 1000) within SOAK_SECONDS.
 SOAK_SECONDS ?= 600
 soak:
+	$(CARGO) build -p slipway-powercut
 	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p slipway --test e2e -- --ignored --nocapture \
-	    --test-threads 2 soak::
+	    --test-threads 2 soak:: powercut::powercut_soak
 
 ## Fuzzing (issue 6): each cargo-fuzz target of crates/proto/fuzz for FUZZ_SECONDS (default
 ## 5 minutes each). Stable toolchain, no sanitizer (see docs/reliability.md). The corpus
