@@ -163,8 +163,8 @@ struct ReplicateArgs {
 
 #[derive(Debug, Args)]
 struct StatusArgs {
-    /// The status file the agent writes [default: status_file of --config, else
-    /// /run/slipway-agent/status.json].
+    /// The status file the agent writes [default: status_file of --config or of
+    /// /etc/slipway/agent.toml, else /run/slipway-agent/status.json].
     #[arg(long, value_name = "FILE")]
     status_file: Option<PathBuf>,
     /// Find the status file in this config file's `status_file`.
@@ -351,7 +351,12 @@ fn status_cmd(args: StatusArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        (None, None) => status::default_path(),
+        // The agent's own config, if it names another status file.
+        (None, None) => Some(Path::new(agent_toml::DEFAULT_CONFIG))
+            .filter(|c| c.exists())
+            .and_then(|c| Layer::load(c).ok())
+            .and_then(|l| l.status_file)
+            .unwrap_or_else(status::default_path),
     };
     let st = match status::read(&path) {
         Ok(st) => st,

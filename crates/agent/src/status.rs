@@ -265,6 +265,9 @@ pub fn write(path: &Path, st: &Status) -> std::io::Result<()> {
     let mut text = serde_json::to_vec_pretty(st).map_err(std::io::Error::other)?;
     text.push(b'\n');
     std::fs::write(&tmp, &text)?;
+    // Readable by anyone whatever the umask (the unit's is 0077): it holds no secret, and
+    // `slipway-agent status` or a monitoring check need not run as root.
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
@@ -502,6 +505,9 @@ mod tests {
         let mut st = status();
         write(&p, &st).unwrap();
         assert_eq!(read(&p).unwrap(), st);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "readable without root");
         st.disks[0].bytes_acked += 1;
         write(&p, &st).unwrap();
         assert_eq!(read(&p).unwrap(), st);
