@@ -548,6 +548,7 @@ struct ModeRun {
     sync_ms: Vec<f64>,
     /// Initial full sync of the device (agent start → disk continuous), s.
     first_sync_s: f64,
+    device_size: u64,
 }
 
 /// Nearest-rank quantile of an unsorted sample.
@@ -711,6 +712,7 @@ fn run_mode_in(ctx: &mut Ctx, dir: &Path, track: bool, sz: &Sizes) -> Result<Mod
         server_cpu: scpu1 - scpu0,
         sync_ms: w.sync_ms,
         first_sync_s,
+        device_size: sz.image,
     })
 }
 
@@ -838,6 +840,99 @@ fn lag_outside_rps(m: &ModeRun) -> (usize, Option<f64>) {
         }
     }
     (inside, quantile(&out, 0.99))
+}
+
+/// How many of the `n` largest lags overlapped a restore point.
+fn top_on_rps(m: &ModeRun, n: usize) -> usize {
+    let mut v = m.lags.clone();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.truncate(n);
+    v.iter()
+        .filter(|&&(at, lag)| {
+            let end = at + lag / 1e3;
+            m.rps.iter().any(|r| at <= r.end && end >= r.start)
+        })
+        .count()
+}
+
+/// What the figures mean, from what this run measured (each claim only when it holds).
+fn reading(k: &ModeRun, r: &ModeRun) -> String {
+    let (lk, lr) = (lag_ms(k), lag_ms(r));
+    let mut s = String::from("**Reading the figures.** ");
+    let _ = write!(
+        s,
+        "With tracking a change waits for the agent's next tracked pass (one at most every \
+         200 ms: `TRACKED_INTERVAL` in crates/agent/src/run.rs), then is read, sent and \
+         durably acked: lag p50 {}, p99 {}. ",
+        ms(quantile(&lk, 0.5)),
+        ms(quantile(&lk, 0.99))
+    );
+    let on = top_on_rps(k, 10);
+    if on > 5 {
+        let _ = write!(
+            s,
+            "{on} of its 10 largest lags overlap a restore point: around a marker the agent \
+             freezes the filesystem, waits for the tracker's barrier and a pass of its own, and \
+             the server starts capturing the point. "
+        );
+    }
+    let _ = write!(
+        s,
+        "The agent reads whole chunks (1 MiB by default) that the kernel marked; the workload \
+         fills a chunk with about 4 sequential 256 KiB writes over ~50 ms, and a chunk a pass reads \
+         while it is still being filled is read again by the next pass — so some amplification \
+         above 1 is expected ({:.2}× here). Without tracking a change waits for the next \
+         reread of the whole device (every {RESCAN}, and before each restore point's marker): \
+         lag p50 {}, p99 {}, and the device is read {:.1} times over in the same span. ",
+        amp(k),
+        ms(quantile(&lr, 0.5)),
+        ms(quantile(&lr, 0.99)),
+        r.read_bytes as f64 / r.device_size.max(1) as f64
+    );
+    let fr = &r.log.frozen_ms;
+    if !fr.is_empty() {
+        let _ = write!(
+            s,
+            "That reread runs with the filesystem frozen: freezes of {} (p50) against {} with \
+             tracking",
+            ms(quantile(fr, 0.5)),
+            ms(quantile(&k.log.frozen_ms, 0.5))
+        );
+        if r.log.best_effort > 0 {
+            let _ = write!(
+                s,
+                "; in {} of {} points it outlasted the agent's `--max-freeze` (1 s by default), \
+                 the filesystem was thawed before the marker and the agent logged the point \
+                 crash-consistent-best-effort",
+                r.log.best_effort,
+                fr.len()
+            );
+        }
+        let _ = write!(
+            s,
+            ". The workload feels a freeze as a stalled write: its longest write + fdatasync \
+             took {} without tracking, {} with. ",
+            ms(quantile(&r.sync_ms, 1.0)),
+            ms(quantile(&k.sync_ms, 1.0))
+        );
+    }
+    let (cr, ck) = (cpu_per_gib(r), cpu_per_gib(k));
+    let _ = write!(
+        s,
+        "CPU: a loop device's reads are done by the kernel's loop worker thread, so copying the \
+         bytes read is not in the agent's CPU figure (hashing and sending are): {:.1}× the bytes \
+         read cost the agent {} ({:.2} against {:.2} CPU-s/GiB). On a real disk the extra \
+         reads also cost device bandwidth.",
+        r.read_bytes as f64 / k.read_bytes.max(1) as f64,
+        if (cr / ck - 1.0).abs() <= 0.25 {
+            "about the same CPU".to_string()
+        } else {
+            format!("{:.1}× the CPU", cr / ck)
+        },
+        cr,
+        ck
+    );
+    s
 }
 
 /// The `n` largest lags with when they happened and what ran then.
@@ -1197,6 +1292,7 @@ fn report(
         outliers(k, 5),
         outliers(r, 5)
     );
+    let _ = writeln!(s, "{}\n", reading(k, r));
     let _ = writeln!(
         s,
         "**Setup.** Per mode a fresh {} image file on the scratch filesystem, attached with \
