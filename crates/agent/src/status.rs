@@ -67,7 +67,8 @@ pub struct DiskStatus {
     pub size: u64,
     /// `waiting` (not open yet), `initial-sync`, `rescan`, `backlog`, `continuous`, `paused`.
     pub phase: String,
-    /// `kernel` (tracefs tells which chunks were written) or `rescan` (every pass rereads).
+    /// `kernel` (tracefs tells which chunks were written), `rescan` (every pass rereads) or
+    /// `none` (one pass, not following).
     pub tracking: String,
     pub tracking_reason: Option<String>,
     /// Write payload handed to the transport (resends included).
@@ -312,14 +313,15 @@ fn collect(shared: &Shared, acks: &mut AckClock, started_at_ms: u64, state: &str
         .into_iter()
         .enumerate()
         .map(|(d, snap)| {
-            let t = &shared.tracking[d];
+            // As the server is told: kernel tracking that stopped reads as rescan.
+            let (mode, why) = shared.tracking_note(d);
             let acked = snap.stats.payload_acked + snap.stats.zeroes_acked;
             DiskStatus {
                 path: shared.disks[d].path.clone(),
                 size: snap.size,
                 phase: phase_name(snap.report.map(|r| r.phase)).into(),
-                tracking: t.mode().into(),
-                tracking_reason: t.reason().map(str::to_string),
+                tracking: mode.as_str().into(),
+                tracking_reason: (!why.is_empty()).then_some(why),
                 bytes_sent: snap.stats.payload_sent,
                 bytes_acked: snap.stats.payload_acked,
                 zeroes_acked: snap.stats.zeroes_acked,
