@@ -246,6 +246,10 @@ pub(crate) struct Shared {
     pub notes_wake: Notify,
     /// A disk's tracking mode changed: send TrackingNotes again.
     pub tracking_changed: AtomicBool,
+    /// The source's filesystems are frozen: log nothing (a log file may be on one of them);
+    /// lines wait in `deferred_logs` until the thaw.
+    pub frozen_now: AtomicBool,
+    pub deferred_logs: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -292,8 +296,19 @@ impl Shared {
             return None;
         }
         if d.take_lost() {
-            warn!(disk = %self.disks[disk].id, reason = self.tracker.as_ref().and_then(Tracker::reason).unwrap_or_default(),
-                "write events were lost (or the run was restored): rereading the whole disk once");
+            let line = format!(
+                "disk {}: write events were lost (or the run was restored): rereading the whole disk once ({})",
+                self.disks[disk].id,
+                self.tracker.as_ref().and_then(Tracker::reason).unwrap_or_default()
+            );
+            if self.frozen_now.load(Ordering::Acquire) {
+                self.deferred_logs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line);
+            } else {
+                warn!("{line}");
+            }
             d.take_all();
             return None;
         }
@@ -452,6 +467,8 @@ pub async fn replicate_until(
         notes: Mutex::new(std::collections::VecDeque::new()),
         notes_wake: Notify::new(),
         tracking_changed: AtomicBool::new(false),
+        frozen_now: AtomicBool::new(false),
+        deferred_logs: Mutex::new(Vec::new()),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),
@@ -737,7 +754,10 @@ async fn marker_loop(
             // journals reach the disks first), let the tracker see every write up to now,
             // read what changed, place the marker, thaw.
             frozen = freeze_sources(&shared).await;
-            if frozen.is_some() && shared.tracker.is_some() {
+            shared.frozen_now.store(frozen.is_some(), Ordering::Release);
+            // Frozen or not, every write completed before now must be counted before the
+            // passes below look for changes: its completion event may still be in the ring.
+            if shared.tracker.is_some() {
                 {
                     let sh = shared.clone();
                     let barrier = tokio::task::spawn_blocking(move || {
@@ -766,17 +786,6 @@ async fn marker_loop(
                 let _ = w.await;
             }
         }
-        // Known now, before the thaw: the data the marker covers was read while the
-        // filesystems were frozen (or not). Sent ahead of the marker, for the point's record.
-        let note = marker_note(&shared, marker_id, frozen.as_ref());
-        {
-            let mut q = shared.notes.lock().unwrap_or_else(|e| e.into_inner());
-            if q.len() >= 64 {
-                q.pop_front();
-            }
-            q.push_back(note);
-        }
-        shared.notes_wake.notify_one();
         let seq = shared.lock().place_marker(marker_id);
         for n in &shared.send_wake {
             n.notify_one();
@@ -786,6 +795,27 @@ async fn marker_loop(
             Some(f) => tokio::task::spawn_blocking(move || f.thaw()).await.ok(),
             None => None,
         };
+        shared.frozen_now.store(false, Ordering::Release);
+        for line in std::mem::take(
+            &mut *shared
+                .deferred_logs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        ) {
+            warn!("{line}");
+        }
+        // Known only now: whether the freeze held until the marker was placed (no timer, no
+        // one else thawed it). The server waits a little for this note; the Marker frames
+        // may reach it first.
+        let note = marker_note(&shared, marker_id, thawed.as_ref());
+        {
+            let mut q = shared.notes.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= 64 {
+                q.pop_front();
+            }
+            q.push_back(note);
+        }
+        shared.notes_wake.notify_one();
         match thawed {
             Some(r) => {
                 let frozen_ms = r.frozen_for.as_secs_f64() * 1e3;
@@ -822,20 +852,15 @@ async fn marker_loop(
 fn marker_note(
     shared: &Shared,
     marker_id: u64,
-    frozen: Option<&crate::freeze::Frozen>,
+    thawed: Option<&crate::freeze::ThawReport>,
 ) -> slipway_proto::MarkerNote {
-    let (one_instant, freeze_us, reason) = match frozen {
-        Some(f) => {
-            let mut why = f.report().best_effort_reasons();
-            if f.expired() {
-                why.push(format!(
-                    "the freeze reached --max-freeze ({:?}) before the marker",
-                    shared.cfg.max_freeze
-                ));
+    let (one_instant, freeze_us, reason) = match thawed {
+        Some(r) => {
+            let us = r.frozen_for.as_micros() as u64;
+            match r.consistency() {
+                crate::freeze::Consistency::Consistent => (true, us, String::new()),
+                crate::freeze::Consistency::BestEffort(why) => (false, us, why.join("; ")),
             }
-            let started = f.deadline() - shared.cfg.max_freeze;
-            let us = started.elapsed().as_micros() as u64;
-            (why.is_empty(), us, why.join("; "))
         }
         None => (
             false,

@@ -348,8 +348,10 @@ async fn drive(
                         // Checksum resync: the volume holds something; ask what, before the
                         // pass starts reading, and send only the chunks that differ.
                         let peer = &shared.peer_hashes[disk];
+                        // (The server hashes chunks of 256 KiB or more.)
                         let ask = o.resume == slipway_proto::ResumeKind::Resync
-                            && neg.features & slipway_proto::features::HASHES != 0;
+                            && neg.features & slipway_proto::features::HASHES != 0
+                            && shared.cfg.chunk_size >= 256 << 10;
                         if ask {
                             peer.begin(u64::from(shared.cfg.chunk_size));
                         } else {

@@ -36,15 +36,14 @@ pub enum Refusal {
 }
 
 /// A parsed token: its public id (the nonce in hex) and what its MAC covers.
-struct Parsed<'a> {
-    id: &'a str,
+struct Parsed {
     nonce: Vec<u8>,
     expires: Option<u64>,
     tag: Vec<u8>,
     v2: bool,
 }
 
-fn parse(token: &str) -> Option<Parsed<'_>> {
+fn parse(token: &str) -> Option<Parsed> {
     let (v2, rest) = match token.strip_prefix(PREFIX2) {
         Some(r) => (true, r),
         None => (false, token.strip_prefix(PREFIX)?),
@@ -71,7 +70,6 @@ fn parse(token: &str) -> Option<Parsed<'_>> {
         return None;
     }
     Some(Parsed {
-        id,
         nonce,
         expires,
         tag,
@@ -81,7 +79,9 @@ fn parse(token: &str) -> Option<Parsed<'_>> {
 
 /// The public id of a token (to revoke it), if it is one of ours in form.
 pub fn token_id(token: &str) -> Option<String> {
-    parse(token).map(|p| p.id.to_string())
+    // From the decoded nonce, not the text: hex in upper case verifies too, and must not
+    // escape a revocation listed in lower case.
+    parse(token).map(|p| hex::encode(&p.nonce))
 }
 
 /// Whether `id` has the form of a token id (32 hex digits).
@@ -309,8 +309,9 @@ impl TokenKey {
                 return Err(Refusal::Expired { at });
             }
         }
-        if revoked.contains(p.id) {
-            return Err(Refusal::Revoked { id: p.id.into() });
+        let id = hex::encode(&p.nonce);
+        if revoked.contains(&id) {
+            return Err(Refusal::Revoked { id });
         }
         Ok(())
     }
@@ -389,6 +390,15 @@ mod tests {
             Err(Refusal::Revoked { id: id.clone() })
         );
         assert_eq!(k.check("s", &t, 0, &list), Ok(()), "only that one");
+        // The same token with its id in upper case hex: still the same, still revoked.
+        let (head, rest) = forever.split_at(5);
+        let (nonce, tail) = rest.split_at(32);
+        let upper = format!("{head}{}{tail}", nonce.to_ascii_uppercase());
+        assert_eq!(token_id(&upper).as_deref(), Some(id.as_str()));
+        assert_eq!(
+            k.check("s", &upper, 0, &list),
+            Err(Refusal::Revoked { id: id.clone() })
+        );
         assert!(Revoked::revoke(d.path(), "not-an-id").is_err());
 
         // First-format tokens still verify, never expire, and can be revoked.

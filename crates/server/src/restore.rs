@@ -135,7 +135,14 @@ impl RestorePoints {
     /// waits for that marker (`pending`); anything else is dropped, so a peer cannot grow it.
     pub(crate) fn note(&self, n: slipway_proto::MarkerNote, pending: bool) {
         if pending {
-            self.notes.lock().unwrap().insert(n.marker_id, n);
+            let mut notes = self.notes.lock().unwrap();
+            // Notes of restore points that failed after their note came are never taken:
+            // keep the map small (a handful of points are ever in flight).
+            if notes.len() >= 256 {
+                notes.clear();
+            }
+            notes.insert(n.marker_id, n);
+            drop(notes);
             self.notes_wake.notify_waiters();
         }
     }
@@ -365,7 +372,7 @@ impl Inner {
         // A connection that goes away ends the wait at once: its markers will never arrive,
         // and the shares of the leases held here would keep its successor out until the
         // timeout.
-        while reached != want {
+        while !want.is_subset(&reached) {
             tokio::select! {
                 r = tokio::time::timeout_at(deadline, rx.recv()) => match r {
                     Ok(Some((disk, at))) => {

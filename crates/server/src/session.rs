@@ -45,6 +45,9 @@ const CONTROL_MAX_BODY: u32 = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const LEASE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Smallest chunk a checksum resync may ask hashes for.
+const MIN_HASH_CHUNK: u64 = 256 << 10;
+
 /// Durable position and failure of a disk, as the ack writer sees it.
 #[derive(Debug, Clone, Default)]
 struct AckState {
@@ -76,6 +79,8 @@ pub(crate) struct OpenDisk {
     /// can be opened for writing again only when the session *and* every capture have let go
     /// of it, so no new writer touches a volume a capture still reads.
     pub lease: Mutex<Option<Arc<OwnedMutexGuard<()>>>>,
+    /// A hash request (checksum resync) is being answered.
+    hashing: AtomicBool,
     received_bytes: prometheus::IntCounter,
     received_writes: prometheus::IntCounter,
 }
@@ -421,13 +426,15 @@ fn hash_request(c: &Arc<Conn>, h: slipway_proto::HashRequest) -> Option<Frame> {
         )));
     };
     let chunk = u64::from(h.chunk_size);
-    if chunk == 0 || chunk % u64::from(d.block_size) != 0 || chunk > 64 << 20 {
+    // At least 256 KiB a hash (32 MiB of hashes for a TiB at most, queued if the agent does
+    // not read them) and one request per disk at a time.
+    if chunk < MIN_HASH_CHUNK || chunk % u64::from(d.block_size) != 0 || chunk > 64 << 20 {
         c.inner.metrics.reject("invalid_argument");
         return Some(Frame::Error(ErrorFrame::for_disk(
             ErrorCode::InvalidArgument,
             h.handle,
             format!(
-                "hash chunk size {chunk} must be a multiple of the block size {} and at most 64 MiB",
+                "hash chunk size {chunk} must be a multiple of the block size {}, at least 256 KiB and at most 64 MiB",
                 d.block_size
             ),
         )));
@@ -435,6 +442,15 @@ fn hash_request(c: &Arc<Conn>, h: slipway_proto::HashRequest) -> Option<Frame> {
     let Some(vol) = d.handle_cell.lock().unwrap().as_ref().map(|a| a.volume()) else {
         return None; // closing: the agent will reopen and ask again
     };
+    if d.hashing.swap(true, Ordering::AcqRel) {
+        c.inner.metrics.reject("limit");
+        return Some(Frame::Error(ErrorFrame::for_disk(
+            ErrorCode::Limit,
+            h.handle,
+            "a hash request for this disk is already being answered",
+        )));
+    }
+    let od = d.clone();
     let (tx, size, handle) = (c.ctl_tx.clone(), d.size, h.handle);
     let (src, disk_id) = (c.source.clone(), d.slot.disk.clone());
     tokio::task::spawn_blocking(move || {
@@ -466,6 +482,7 @@ fn hash_request(c: &Arc<Conn>, h: slipway_proto::HashRequest) -> Option<Frame> {
             }
         }
         tracing::info!(source = %src, disk = %disk_id, chunks = first, secs = started.elapsed().as_secs_f64(), "volume hashed for a checksum resync");
+        od.hashing.store(false, Ordering::Release);
     });
     None
 }
@@ -676,6 +693,15 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
             slipway_store::fsutil::create_dir_all_durable(dir).map_err(internal)?;
         }
         let vol = FileVolume::open(&vpath).map_err(internal)?;
+        // What an earlier server process wrote may still be only in the page cache (it was
+        // killed, the host was not): make it durable before anything is built on it (a
+        // checksum resync hashes what the volume holds).
+        vol.flush().map_err(|e| {
+            internal(slipway_store::StoreError::Io {
+                what: format!("flushing volume {}", vpath.display()),
+                source: e,
+            })
+        })?;
         if vol.size() < dd.size {
             return Err(internal(slipway_store::StoreError::TooSmall {
                 path: vpath.display().to_string(),
@@ -878,6 +904,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         latency,
         bound: AtomicBool::new(false),
         lease: Mutex::new(Some(Arc::new(lease))),
+        hashing: AtomicBool::new(false),
         received_bytes: m.received_bytes.with_label_values(&labels),
         received_writes: m.received_writes.with_label_values(&labels),
     });
