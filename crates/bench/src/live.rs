@@ -619,6 +619,13 @@ fn run_mode_in(ctx: &mut Ctx, dir: &Path, track: bool, sz: &Sizes) -> Result<Mod
     let t_agent = Instant::now();
     let mut agent = start_agent(&ctx.bins, &spec)?;
     let ok = util::poll(Duration::from_secs(180), Duration::from_millis(100), || {
+        if let Some(e) = agent.try_wait()? {
+            bail!(
+                "the agent exited ({}) before the device was continuous:\n{}",
+                e.status,
+                util::tail(&log, 15)
+            );
+        }
         Ok(server.disk_states()? == ["continuous"])
     })?;
     if !ok {
