@@ -26,7 +26,7 @@ build:
 ## Benchmarks (issue 7): Slipway beside dd and nbdcopy→qemu-nbd in one run; rewrites
 ## docs/benchmarks.md. BENCH_ARGS="--quick" to try it (1 run, small sizes, writes
 ## target/bench/benchmarks.md), BENCH_ARGS="--scenario 4" for one scenario. Needs root for
-## scenario 2 (network namespaces, TUN).
+## scenario 2 (network namespaces, TUN) and scenario 8 (a live source: loop device, ext4, freezes).
 BENCH_ARGS ?=
 bench: bench-deps
 	$(CARGO) build --release -p slipway --bins
