@@ -11,6 +11,7 @@ mod freeze;
 mod live_source;
 mod network;
 mod pit_sim;
+mod powercut;
 mod refusals;
 mod reliability;
 mod restore_points;
