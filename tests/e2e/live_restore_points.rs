@@ -343,12 +343,15 @@ fn request_point<B>(
     loop {
         let t = Instant::now();
         wait_until_or(
-            "every disk continuous",
+            "every disk continuous (or in backlog)",
             deadline.saturating_duration_since(Instant::now()),
             || {
-                disks
-                    .iter()
-                    .all(|d| server.disk_state(source, d) == "continuous")
+                disks.iter().all(|d| {
+                    matches!(
+                        server.disk_state(source, d).as_str(),
+                        "continuous" | "backlog"
+                    )
+                })
             },
             || format!("refusals: {refusals:?}\nagent log:\n{}", agent.log_text()),
         );

@@ -8,6 +8,7 @@ mod data_path;
 #[cfg(feature = "aws")]
 mod fleet_switch;
 mod freeze;
+mod live_restore_points;
 mod live_source;
 mod network;
 mod pit_sim;

@@ -373,21 +373,25 @@ fn unauthenticated_and_forged_clients_are_refused_and_others_are_unaffected() {
         let last = flipped.len() - 1;
         flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
         let flipped = String::from_utf8(flipped).unwrap();
-        let nonce_swapped = {
-            let parts: Vec<&str> = valid.split('.').collect();
-            format!("slw1.{}.{}", "00".repeat(16), parts[2])
-        };
+        // slw2.<nonce>.<expiry>.<tag>
+        let parts: Vec<&str> = valid.split('.').collect();
+        assert_eq!((parts[0], parts.len()), ("slw2", 4), "{valid}");
+        let nonce_swapped = format!("slw2.{}.{}.{}", "00".repeat(16), parts[2], parts[3]);
+        let expiry_moved = format!("slw2.{}.{}.{}", parts[1], 4_000_000_000u64, parts[3]);
+        let as_v1 = format!("slw1.{}.{}", parts[1], parts[3]);
         let other_source = server.token("someone-else");
         let forged: Vec<(&str, String)> = vec![
             ("one hex digit of the tag changed", flipped),
             ("another nonce with the same tag", nonce_swapped),
+            ("an expiry the tag does not cover", expiry_moved),
+            ("the v2 tag presented as a v1 token", as_v1),
             ("the token of another source", other_source),
             ("minted with another server's secret", foreign_key),
             (
                 "random tag",
                 format!("slw1.{}.{}", "ab".repeat(16), "cd".repeat(32)),
             ),
-            ("no prefix", valid.trim_start_matches("slw1.").to_string()),
+            ("no prefix", valid.trim_start_matches("slw2.").to_string()),
             ("empty", String::new()),
             ("1024 bytes of noise", "x".repeat(1024)),
             (

@@ -241,14 +241,18 @@ impl Inner {
             if !open.contains(&slot.disk) {
                 return Some(format!("disk {} is not open", slot.disk));
             }
-            let state = slot
-                .status
-                .lock()
-                .unwrap()
-                .state(now, self.settings.stall_after);
-            if state != ReplState::Continuous && state != ReplState::CreatingSnapshot {
+            let (state, synced) = {
+                let st = slot.status.lock().unwrap();
+                (st.state(now, self.settings.stall_after), st.synced)
+            };
+            // A disk in backlog has a whole copy (synced) and its agent is in follow mode,
+            // sending changes: the marker path reads every change made before the marker
+            // first, so a source that never stops writing still gets restore points.
+            let ok = matches!(state, ReplState::Continuous | ReplState::CreatingSnapshot)
+                || (state == ReplState::Backlog && synced);
+            if !ok {
                 return Some(format!(
-                    "disk {} is {} (restore points need every disk continuous)",
+                    "disk {} is {} (restore points need every disk continuous, or in backlog after a whole copy)",
                     slot.disk,
                     state.as_str()
                 ));
