@@ -393,6 +393,15 @@ fn a_restore_point_of_a_mounted_device_freezes_it_briefly() {
     let listed = server.restore_points();
     let point = listed.iter().find(|m| m["id"] == rp.as_str()).unwrap();
     assert_eq!(point["consistency"], "one-instant", "{point}");
+    let metrics = server.http_get("/metrics").1;
+    assert!(
+        metric(
+            &metrics,
+            "slipway_source_freeze_seconds_count{source=\"frz\"}"
+        ) >= 1.0,
+        "the freeze is exported"
+    );
+    crate::promtool_check(&metrics);
     let out = d.path().join("rp.img");
     server.export(&rp, &disk_id, &out);
     let fsck = Command::new("e2fsck")

@@ -86,6 +86,8 @@ pub struct RestorePointMetrics {
     pub failed: IntCounterVec,
     pub snapshot_seconds: HistogramVec,
     pub pause_seconds: Histogram,
+    /// How long agents kept their source's filesystems frozen for a marker (MarkerNote).
+    pub freeze_seconds: HistogramVec,
     pub stored_bytes: IntGaugeVec,
     pub newest_age_seconds: prometheus::GaugeVec,
     pub count: IntGaugeVec,
@@ -366,6 +368,18 @@ impl Metrics {
                             "Time the appliers of a source were held at a marker for a snapshot.",
                         )
                         .buckets(LATENCY_BUCKETS.to_vec()),
+                    )
+                    .unwrap(),
+                ),
+                freeze_seconds: reg(
+                    &r,
+                    HistogramVec::new(
+                        HistogramOpts::new(
+                            "slipway_source_freeze_seconds",
+                            "Time a source's filesystems were frozen for a restore point's marker, as its agent reported it.",
+                        )
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                        &["source"],
                     )
                     .unwrap(),
                 ),

@@ -539,6 +539,14 @@ async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorF
         }
         Frame::MarkerNote(n) => {
             let pending = c.markers.lock().unwrap().contains_key(&n.marker_id);
+            if pending && n.freeze_us > 0 {
+                c.inner
+                    .metrics
+                    .restore_points
+                    .freeze_seconds
+                    .with_label_values(&[&c.source])
+                    .observe(n.freeze_us as f64 / 1e6);
+            }
             c.inner.rp.note(n, pending);
             Ok(None)
         }
