@@ -72,9 +72,17 @@ impl LoopDevice {
         self.mount = Some(dir.to_owned());
     }
 
+    /// Unmounts. The agent's freeze of a restore point (and its watchdog) holds the mount
+    /// point open for a moment, and `umount` then says "target is busy": try again until it
+    /// succeeds, within a bound.
     fn umount(&mut self) {
         if let Some(m) = self.mount.take() {
-            sh("umount", &[m.to_str().unwrap()]);
+            wait_until("umount", Duration::from_secs(20), || {
+                Command::new("umount")
+                    .arg(&m)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            });
         }
     }
 
