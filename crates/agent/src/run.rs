@@ -1258,26 +1258,10 @@ fn rescan(
             if !hashes.changed(coff, h) {
                 continue;
             }
-            let clen = c.len() as u64;
-            if take_window(shared, rt, clen).is_none() {
-                return Ok(Some(PassEnd::Stopped));
-            }
-            let data = Bytes::copy_from_slice(c);
-            let mut extra = 0;
-            if planner.chunk(coff, &data, max_write(shared), ops) {
-                let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
-                extra = clen.saturating_sub(sent);
-            }
-            let r = shared.lock().enqueue(disk, gen, ops, extra, coff + clen);
-            match r {
-                Ok(charged) => shared.release_window(clen.saturating_sub(charged)),
-                Err(_) => {
-                    shared.release_window(clen);
-                    return Ok(Some(PassEnd::Stale));
-                }
+            if let Some(end) = queue_changed_chunk(shared, rt, disk, gen, planner, ops, coff, c) {
+                return Ok(Some(end));
             }
             hashes.record(coff, h);
-            shared.send_wake[disk].notify_one();
         }
         offset += len;
     }
@@ -1332,29 +1316,49 @@ fn tracked_rescan(
         if !hashes.changed(coff, h) {
             continue;
         }
-        if take_window(shared, rt, clen).is_none() {
+        if let Some(end) = queue_changed_chunk(shared, rt, disk, gen, planner, ops, coff, buf) {
             remark(i);
-            return Ok(Some(PassEnd::Stopped));
-        }
-        let data = Bytes::copy_from_slice(buf);
-        let mut extra = 0;
-        if planner.chunk(coff, &data, max_write(shared), ops) {
-            let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
-            extra = clen.saturating_sub(sent);
-        }
-        let r = shared.lock().enqueue(disk, gen, ops, extra, coff + clen);
-        match r {
-            Ok(charged) => shared.release_window(clen.saturating_sub(charged)),
-            Err(_) => {
-                shared.release_window(clen);
-                remark(i);
-                return Ok(Some(PassEnd::Stale));
-            }
+            return Ok(Some(end));
         }
         hashes.record(coff, h);
-        shared.send_wake[disk].notify_one();
     }
     Ok(None)
+}
+
+/// Queues one changed chunk read by a follow pass: takes its window space, plans it, enqueues
+/// the ops and wakes the sender. `Some(end)` when the pass must end instead (stopping, or a
+/// newer pass replaced it); then nothing of the chunk was queued.
+#[allow(clippy::too_many_arguments)]
+fn queue_changed_chunk(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    disk: usize,
+    gen: u64,
+    planner: &mut Planner,
+    ops: &mut Vec<PlannedOp>,
+    coff: u64,
+    chunk: &[u8],
+) -> Option<PassEnd> {
+    let clen = chunk.len() as u64;
+    if take_window(shared, rt, clen).is_none() {
+        return Some(PassEnd::Stopped);
+    }
+    let data = Bytes::copy_from_slice(chunk);
+    let mut extra = 0;
+    if planner.chunk(coff, &data, max_write(shared), ops) {
+        let sent: u64 = ops.iter().map(PlannedOp::data_len).sum();
+        extra = clen.saturating_sub(sent);
+    }
+    let r = shared.lock().enqueue(disk, gen, ops, extra, coff + clen);
+    match r {
+        Ok(charged) => shared.release_window(clen.saturating_sub(charged)),
+        Err(_) => {
+            shared.release_window(clen);
+            return Some(PassEnd::Stale);
+        }
+    }
+    shared.send_wake[disk].notify_one();
+    None
 }
 
 #[cfg(test)]
