@@ -1,5 +1,7 @@
-# Slipway staging AMI: Debian 12 with the slipway binary, a hardened systemd unit, default
-# settings, sysctl and journald, installed by provision.sh. `make ami` builds it:
+# Slipway staging AMI: Debian 12 with the slipway binary, a hardened systemd unit, the identity
+# volume's mount unit, default settings, sysctl, journald and the SSM agent (from its own
+# regional S3 bucket, signature-verified against files/amazon-ssm-agent.gpg, which the operator
+# saves first: docs/operations.md), installed by provision.sh. `make ami` builds it:
 #
 #   packer init ami/slipway.pkr.hcl
 #   packer build -var region=eu-west-1 -var version=0.1.0 \
@@ -126,9 +128,10 @@ build {
   provisioner "shell" {
     inline = [
       "chmod +x /tmp/slipway-ami/slipway /tmp/slipway-ami/provision.sh",
-      "sudo SLIPWAY_BINARY=/tmp/slipway-ami/slipway bash /tmp/slipway-ami/provision.sh",
+      "sudo SLIPWAY_SSM_REGION=${var.region} SLIPWAY_BINARY=/tmp/slipway-ami/slipway bash /tmp/slipway-ami/provision.sh",
       "sudo /usr/local/bin/slipway --version",
-      "sudo systemd-analyze verify /usr/lib/systemd/system/slipway.service",
+      "sudo systemd-analyze verify /usr/lib/systemd/system/slipway.service /usr/lib/systemd/system/slipway-identity.service",
+      "sudo systemctl is-enabled amazon-ssm-agent.service slipway-identity.service slipway.service",
       "rm -rf /tmp/slipway-ami",
     ]
   }

@@ -20,7 +20,7 @@ out="${SLIPWAY_DEB_OUT:-$repo/target/debian}"
 
 die() { echo "build-deb.sh: $*" >&2; exit 1; }
 command -v dpkg-deb >/dev/null || die "dpkg-deb is missing (Debian: apt-get install dpkg)"
-[ -x "$bin" ] || die "$bin is not an executable file (cargo build --release --bin slipway-agent, or set SLIPWAY_AGENT_BINARY)"
+[ -x "$bin" ] || die "$bin is not an executable file (cargo build --release -p slipway-agent, or set SLIPWAY_AGENT_BINARY)"
 for f in deploy/slipway-agent.service deploy/agent.toml.example docs/agent.md; do
   [ -f "$repo/$f" ] || die "missing $repo/$f"
 done

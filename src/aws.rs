@@ -2,16 +2,68 @@
 //! replication templates and launches. Wiring only, like main.rs.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use slipway_server::settings::Settings;
 
-use crate::{LaunchListCmd, TemplateCmd};
+use crate::{AwsLaunchOptions, LaunchListCmd, TemplateCmd};
 
 /// The AWS backend: `[aws]` settings validated here (the server crate does not know them),
 /// instance identity from IMDSv2, the default credential chain, EBS devices by id.
 pub(crate) async fn backends(settings: &Settings) -> Result<slipway_server::Backends> {
-    use std::sync::Arc;
+    let backend = Arc::new(aws_backend(settings).await?);
+    Ok(slipway_server::Backends {
+        backend_metrics: backend.api_metrics().collectors(),
+        volumes: backend.clone(),
+        snapshots: Some(backend),
+    })
+}
+
+/// `slipway identity-volume mount`: this server's identity volume found, attached and mounted
+/// on the data dir (formatted only when new and empty), before the server starts.
+pub(crate) async fn mount_identity_volume(settings: &Settings) -> Result<()> {
+    use slipway_aws::identity_volume::{mount_identity, Mounted};
+    if settings.backend != slipway_server::settings::BackendKind::Aws {
+        // The AMI run with the embedded local default: no EC2 to ask, nothing to mount.
+        println!(
+            "backend is not aws: the data dir {} stays where it is",
+            settings.data_dir.display()
+        );
+        return Ok(());
+    }
+    let backend = aws_backend(settings).await?;
+    let Some(vol) = backend
+        .identity_volume()
+        .await
+        .context("finding this server's identity volume")?
+    else {
+        println!(
+            "this instance is not a replication template's server (no slipway:template and slipway:server-index tags): the data dir {} stays on the root disk",
+            settings.data_dir.display()
+        );
+        return Ok(());
+    };
+    let (path, dir) = (vol.path.clone(), settings.data_dir.clone());
+    let done = tokio::task::spawn_blocking(move || mount_identity(&path, &dir))
+        .await
+        .context("the mount task")?
+        .with_context(|| format!("mounting identity volume {}", vol.volume_id))?;
+    let what = match done {
+        Mounted::Existing => "mounted",
+        Mounted::Formatted => "formatted (it was new and empty) and mounted",
+        Mounted::Already => "already mounted",
+    };
+    println!(
+        "identity volume {} ({}) {what} on {}",
+        vol.volume_id,
+        vol.path.display(),
+        settings.data_dir.display()
+    );
+    Ok(())
+}
+
+async fn aws_backend(settings: &Settings) -> Result<slipway_aws::AwsBackend> {
     let (table, file) = settings
         .aws
         .clone()
@@ -41,15 +93,9 @@ pub(crate) async fn backends(settings: &Settings) -> Result<slipway_server::Back
                 dir: aws.device_dir.clone(),
             }),
         };
-    let backend = Arc::new(
-        slipway_aws::AwsBackend::new(aws, identity, resolver, sdk)
-            .await
-            .context("starting the AWS backend")?,
-    );
-    Ok(slipway_server::Backends {
-        volumes: backend.clone(),
-        snapshots: Some(backend),
-    })
+    slipway_aws::AwsBackend::new(aws, identity, resolver, sdk)
+        .await
+        .context("starting the AWS backend")
 }
 
 pub(crate) async fn template(cmd: TemplateCmd) -> Result<()> {
@@ -73,6 +119,7 @@ pub(crate) async fn launch(
     source: Option<String>,
     mode: Option<String>,
     restore_point: Option<String>,
+    opts: AwsLaunchOptions,
 ) -> Result<()> {
     if let Some(LaunchListCmd::List { template, region }) = list {
         let t = match &template {
@@ -96,15 +143,61 @@ pub(crate) async fn launch(
         "cutover" => slipway_fleet::LaunchMode::Cutover,
         _ => slipway_fleet::LaunchMode::Test,
     };
-    let report = slipway_fleet::launch(
-        &t,
-        &slipway_fleet::LaunchRequest {
-            source,
-            mode,
-            restore_point,
-        },
-    )
-    .await?;
-    println!("{report}");
+    // The conversion attaches volumes here; emulated attachments (tests) are files.
+    let (interrupt, interrupted) = tokio::sync::watch::channel(false);
+    let conversion = if opts.no_convert {
+        slipway_fleet::Conversion::Skip
+    } else {
+        let devices: std::sync::Arc<dyn slipway_aws::DeviceResolver> =
+            match std::env::var_os("SLIPWAY_AWS_DEVICE_MAP_DIR") {
+                Some(dir) => std::sync::Arc::new(slipway_aws::FileMap { dir: dir.into() }),
+                None => std::sync::Arc::new(slipway_aws::ById {
+                    dir: slipway_aws::AwsSettings::default().device_dir,
+                }),
+            };
+        slipway_fleet::Conversion::On(slipway_fleet::ConvertOn {
+            instance_id: opts.convert_on,
+            devices,
+            interrupt: Some(interrupted),
+        })
+    };
+    let converting = matches!(conversion, slipway_fleet::Conversion::On(_));
+    let req = slipway_fleet::LaunchRequest {
+        source,
+        mode,
+        restore_point,
+        conversion,
+    };
+    let launch = slipway_fleet::launch(&t, &req);
+    tokio::pin!(launch);
+    // Ctrl-C, SIGTERM or SIGHUP (the SSM or terminal session closed: its foreground job gets a
+    // hangup, whose default would kill the process outright) during a conversion: the launch
+    // stops at its next step and deletes the volumes it attached to this server before the
+    // process exits. Without a conversion there is nothing to undo: the process ends as before.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let report = tokio::select! {
+        r = &mut launch => r,
+        _ = async {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+                _ = hup.recv() => {},
+            }
+        } => {
+            if !converting {
+                bail!("interrupted");
+            }
+            eprintln!("interrupted: stopping the launch and deleting the conversion's volumes");
+            let _ = interrupt.send(true);
+            launch.await
+        }
+    }?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use indicatif::HumanBytes;
 use slipway_server::admin::{self, Request, Response};
 use slipway_server::settings::{BackendKind, LogFormat, Overrides, Settings};
 
@@ -32,6 +33,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the launch variant's flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the replication server (local default: QUIC on 127.0.0.1:1500, data in ./var).
@@ -67,10 +70,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TemplateCmd,
     },
-    /// Test and cutover instances from restore points (AWS).
+    /// Test and cutover instances from restore points (AWS), or a local test launch in QEMU
+    /// (`--local`, docs/launch.md).
     Launch {
         #[command(subcommand)]
         list: Option<LaunchListCmd>,
+        #[command(flatten)]
+        local: LocalLaunchArgs,
         /// The replication template (its region and launch section).
         #[arg(long)]
         template: Option<PathBuf>,
@@ -83,6 +89,13 @@ enum Cmd {
         /// Restore point to launch from (default: the newest completed one).
         #[arg(long)]
         restore_point: Option<String>,
+    },
+    /// The server's identity volume on EC2: its data dir on an EBS volume of its own, which
+    /// follows the server when `template apply` replaces it (docs/aws.md).
+    #[command(name = "identity-volume")]
+    IdentityVolume {
+        #[command(subcommand)]
+        cmd: IdentityVolumeCmd,
     },
     /// Restore points: crash-consistent snapshots of all disks of a source.
     #[command(name = "restore-points")]
@@ -103,6 +116,68 @@ pub(crate) enum TemplateCmd {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum IdentityVolumeCmd {
+    /// Find this server's identity volume by its tags, attach it here, make its filesystem if
+    /// it is new and empty (never over data), and mount it on the data dir. Run as root before
+    /// the server starts (the AMI's slipway-identity.service); a server not launched by a
+    /// replication template keeps its data dir on the root disk.
+    Mount {
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+}
+
+/// The local test launch (`slipway launch --mode test --local`): docs/launch.md.
+#[derive(clap::Args)]
+struct LocalLaunchArgs {
+    /// Boot the restore point here, in a throw-away QEMU VM with NVMe-attached disks, instead
+    /// of on AWS; the server's data dir holds the restore point.
+    #[arg(long)]
+    local: bool,
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Launch the restore point's disks as they are, without the launch conversion (local:
+    /// boot the copies unchanged; AWS: register the image from the restore point's snapshots,
+    /// for a source that already runs on EC2).
+    #[arg(long)]
+    no_convert: bool,
+    /// AWS: the instance the conversion attaches its volumes to, which must be the one this
+    /// command runs on (default: read from the instance metadata, IMDSv2).
+    #[arg(long, value_name = "INSTANCE-ID", conflicts_with_all = ["local", "no_convert"])]
+    convert_on: Option<String>,
+    /// A shell command run in the guest once it is up; the launch passes only if it exits 0.
+    #[arg(long, value_name = "COMMAND", requires = "local")]
+    check: Option<String>,
+    /// Give up if the guest has not reached its login prompt (and run the check) by then.
+    #[arg(long, default_value = "10m", requires = "local")]
+    timeout: humantime::Duration,
+    /// CPU virtualisation: auto tries KVM and falls back to TCG if KVM does not run the guest.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"], requires = "local")]
+    accel: String,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 1024, requires = "local")]
+    memory: u32,
+    /// Where to keep the serial console log (default: DATA_DIR/launches/RP.console.log).
+    #[arg(long, requires = "local")]
+    console_log: Option<PathBuf>,
+    /// Where the disk copies are made (default: DATA_DIR/launches; deleted afterwards).
+    #[arg(long, requires = "local")]
+    work_dir: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The options of `slipway launch` that also apply on AWS (docs/launch.md). Without the `aws`
+/// feature the launch is refused before they are read.
+#[cfg_attr(not(feature = "aws"), allow(dead_code))]
+pub(crate) struct AwsLaunchOptions {
+    pub(crate) no_convert: bool,
+    pub(crate) convert_on: Option<String>,
+    pub(crate) json: bool,
 }
 
 #[derive(Subcommand)]
@@ -269,6 +344,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::RestorePoints { cmd } => restore_points(cmd),
+        Cmd::IdentityVolume {
+            cmd: IdentityVolumeCmd::Mount { dir },
+        } => {
+            let s = dir.settings()?;
+            init_logging(s.log_format);
+            block_on(aws::mount_identity_volume(&s))
+        }
         Cmd::Template { cmd } => {
             // apply and launch wait through EC2 state changes for minutes: their log lines
             // (stderr) are the progress; the report goes to stdout.
@@ -276,14 +358,33 @@ fn run(cli: Cli) -> Result<()> {
             block_on(aws::template(cmd))
         }
         Cmd::Launch {
+            local,
+            source,
+            mode,
+            restore_point,
+            ..
+        } if local.local => local_launch(local, source, mode, restore_point),
+        Cmd::Launch {
             list,
             template,
             source,
             mode,
             restore_point,
+            local,
         } => {
             init_logging(LogFormat::Text);
-            block_on(aws::launch(list, template, source, mode, restore_point))
+            block_on(aws::launch(
+                list,
+                template,
+                source,
+                mode,
+                restore_point,
+                AwsLaunchOptions {
+                    no_convert: local.no_convert,
+                    convert_on: local.convert_on,
+                    json: local.json,
+                },
+            ))
         }
         Cmd::Token {
             cmd:
@@ -398,27 +499,15 @@ fn sd_notify(state: &str) {
     }
 }
 
-fn human(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
-
 fn print_status(s: &slipway_server::status::StatusReport) {
     println!(
         "slipway {} on {}  agents connected: {}  uptime: {}s",
         s.version, s.listen, s.agents_connected, s.uptime_seconds
     );
     println!("certificate SHA-256: {}", s.fingerprint);
+    if let Some(sha) = &s.settings_sha256 {
+        println!("settings file fingerprint: {sha}");
+    }
     match s.attachment_slots {
         Some((used, limit)) => println!(
             "backend: {}  EBS attachment slots: {used} of {limit} in use",
@@ -451,9 +540,9 @@ fn print_status(s: &slipway_server::status::StatusReport) {
                 src.id,
                 d.id,
                 d.state.as_str(),
-                human(d.size_bytes),
-                human(d.replicated_bytes),
-                human(d.backlog_bytes),
+                HumanBytes(d.size_bytes),
+                HumanBytes(d.replicated_bytes),
+                HumanBytes(d.backlog_bytes),
                 d.lag_seconds,
                 d.eta_seconds
                     .map(|e| format!("{e:.0}"))
@@ -495,6 +584,124 @@ fn find(s: &Settings, id: &str) -> Result<slipway_store::snapshot::Manifest> {
         .with_context(|| format!("no restore point {id} in {}", s.data_dir.display()))
 }
 
+/// `slipway launch --mode test --local`: boots a restore point in QEMU (crates/drill).
+fn local_launch(
+    a: LocalLaunchArgs,
+    source: Option<String>,
+    mode: Option<String>,
+    restore_point: Option<String>,
+) -> Result<()> {
+    if mode.as_deref() == Some("cutover") {
+        bail!("--local launches are test launches: --mode cutover needs AWS");
+    }
+    let s = a.dir.settings()?;
+    let m = match (&restore_point, &source) {
+        (Some(id), _) => find(&s, id)?,
+        (None, Some(src)) => store_of(&s)
+            .newest(src)?
+            .with_context(|| format!("no restore point of source {src}"))?,
+        (None, None) => bail!("name the restore point (--restore-point) or the source (--source)"),
+    };
+    let launches = s.data_dir.join("launches");
+    let opts = slipway_drill::DrillOptions {
+        work_dir: a.work_dir.unwrap_or_else(|| launches.clone()),
+        convert: !a.no_convert,
+        check: a.check,
+        timeout: *a.timeout,
+        accel: match a.accel.as_str() {
+            "kvm" => slipway_drill::AccelChoice::Kvm,
+            "tcg" => slipway_drill::AccelChoice::Tcg,
+            _ => slipway_drill::AccelChoice::Auto,
+        },
+        memory_mib: a.memory,
+        console_log: a
+            .console_log
+            .unwrap_or_else(|| launches.join(format!("{}.console.log", m.id))),
+        qemu: "qemu-system-x86_64".into(),
+    };
+    if let Some(p) = opts.console_log.parent() {
+        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
+    slipway_drill::install_interrupt_handler();
+    let started = std::time::Instant::now();
+    let r = slipway_drill::run(&store_of(&s), &m, &opts, &mut |line| {
+        eprintln!("[{:>4} s] {line}", started.elapsed().as_secs())
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_drill(&r);
+    }
+    if !r.ok {
+        bail!(
+            "restore point {} did not pass the test launch: {} (console log: {})",
+            r.restore_point,
+            serde_json::to_value(r.outcome)?.as_str().unwrap_or("?"),
+            r.console_log.display()
+        );
+    }
+    Ok(())
+}
+
+fn print_drill(r: &slipway_drill::DrillReport) {
+    println!(
+        "restore point {} of {}: {}",
+        r.restore_point,
+        r.source,
+        if r.ok { "boots" } else { "does NOT boot" }
+    );
+    println!(
+        "outcome: {:?}; login prompt: {}; {} boot, {} firmware, {}",
+        r.outcome,
+        if r.reached_login { "yes" } else { "no" },
+        serde_json::to_value(r.boot_mode).unwrap_or_default(),
+        r.firmware,
+        r.accel.as_str()
+    );
+    if let Some(c) = &r.check {
+        match c.exit_code {
+            Some(code) => println!("check {:?}: exit {code}", c.command),
+            None => println!("check {:?}: did not finish", c.command),
+        }
+        for l in c.output.lines() {
+            println!("  | {l}");
+        }
+    }
+    match &r.conversion {
+        Some(c) if r.converted => {
+            if let Some(d) = &c.distro {
+                println!(
+                    "converted {} ({}), root on disk {} partition {} ({}):",
+                    d.pretty_name.as_deref().unwrap_or(&d.id),
+                    c.initramfs_tool.unwrap_or("?"),
+                    c.root.disk,
+                    c.root.partition,
+                    c.root.fs
+                );
+            }
+            for ch in &c.changes {
+                println!("  changed {}: {}", ch.path, ch.detail);
+            }
+            for n in &c.notes {
+                println!("  note: {n}");
+            }
+        }
+        _ => println!("not converted (--no-convert)"),
+    }
+    println!(
+        "export {:.1} s, conversion {:.1} s, boot {:.1} s; console log: {}",
+        r.seconds.export,
+        r.seconds.convert,
+        r.seconds.boot,
+        r.console_log.display()
+    );
+    if !r.ok {
+        for l in &r.console_tail {
+            println!("  console| {l}");
+        }
+    }
+}
+
 fn restore_points(cmd: RpCmd) -> Result<()> {
     match cmd {
         RpCmd::Create { dir, source, wait } => {
@@ -514,7 +721,7 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
                     if let Some(m) = manifest {
                         eprintln!(
                             "stored {} in {} ms (appliers paused {} ms)",
-                            human(m.size_bytes),
+                            HumanBytes(m.size_bytes),
                             m.duration_ms,
                             m.pause_ms
                         );
@@ -569,7 +776,7 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
                         m["trigger"].as_str().unwrap_or("?"),
                         m["size_bytes"]
                             .as_u64()
-                            .map(human)
+                            .map(|b| HumanBytes(b).to_string())
                             .unwrap_or_else(|| "-".into()),
                         point,
                         disks.join(",")
@@ -582,7 +789,12 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
             let s = dir.settings()?;
             let m = find(&s, &id)?;
             let n = store_of(&s).export(&m, &disk, &out)?;
-            eprintln!("wrote {} ({}) of {id} to {}", disk, human(n), out.display());
+            eprintln!(
+                "wrote {} ({}) of {id} to {}",
+                disk,
+                HumanBytes(n),
+                out.display()
+            );
             Ok(())
         }
         RpCmd::Verify { dir, id } => {
@@ -612,7 +824,7 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
             println!(
                 "{id}: ok ({} blocks, {} checked)",
                 r.blocks_checked,
-                human(r.bytes_checked)
+                HumanBytes(r.bytes_checked)
             );
             Ok(())
         }
@@ -621,7 +833,7 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
             let req = Request::RestorePointDelete { id: id.clone() };
             match admin::request(&s.data_dir, &req, Duration::from_secs(600)) {
                 Ok(Response::RestorePointDeleted { freed_bytes, .. }) => {
-                    println!("deleted {id} (freed {})", human(freed_bytes));
+                    println!("deleted {id} (freed {})", HumanBytes(freed_bytes));
                     Ok(())
                 }
                 Ok(_) => bail!("unexpected answer from the server"),
@@ -630,7 +842,7 @@ fn restore_points(cmd: RpCmd) -> Result<()> {
                     // meanwhile).
                     let _lock = slipway_server::lock_data_dir(&s.data_dir)?;
                     let freed = store_of(&s).delete(&id)?;
-                    println!("deleted {id} (freed {})", human(freed));
+                    println!("deleted {id} (freed {})", HumanBytes(freed));
                     Ok(())
                 }
                 Err(e) => Err(e.into()),

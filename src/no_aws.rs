@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use slipway_server::settings::Settings;
 
-use crate::{LaunchListCmd, TemplateCmd};
+use crate::{AwsLaunchOptions, LaunchListCmd, TemplateCmd};
 
 const REBUILD: &str = "this slipway was built without AWS support; build it with \
     `cargo build --release --features aws` (the AMI's binary has it)";
@@ -15,6 +15,11 @@ const REBUILD: &str = "this slipway was built without AWS support; build it with
 pub(crate) async fn backends(settings: &Settings) -> Result<slipway_server::Backends> {
     let _ = settings;
     bail!("backend = \"aws\" in the settings: {REBUILD}")
+}
+
+pub(crate) async fn mount_identity_volume(settings: &Settings) -> Result<()> {
+    let _ = settings;
+    bail!("slipway identity-volume: {REBUILD}")
 }
 
 pub(crate) async fn template(cmd: TemplateCmd) -> Result<()> {
@@ -28,7 +33,8 @@ pub(crate) async fn launch(
     source: Option<String>,
     mode: Option<String>,
     restore_point: Option<String>,
+    opts: AwsLaunchOptions,
 ) -> Result<()> {
-    let _ = (list, template, source, mode, restore_point);
+    let _ = (list, template, source, mode, restore_point, opts);
     bail!("slipway launch: {REBUILD}")
 }

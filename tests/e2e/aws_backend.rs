@@ -22,13 +22,8 @@ pub(crate) fn moto_env(rt: &tokio::runtime::Runtime) -> MotoEnv {
     rt.block_on(MotoEnv::start())
 }
 
-#[test]
-fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let env = moto_env(&rt);
+/// The IMDSv2 stand-in answering for the emulator's replication-server instance.
+async fn imds_of(env: &MotoEnv) -> Imds {
     let meta: BTreeMap<String, String> = [
         ("instance-id", env.identity.instance_id.as_str()),
         ("placement/availability-zone", aws_support::ZONE),
@@ -39,11 +34,70 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let imds = rt.block_on(Imds::start(meta));
+    Imds::start(meta).await
+}
+
+/// The first `len` bytes of a snapshot as EBS direct serves them: ListSnapshotBlocks (every
+/// page), GetSnapshotBlock of each listed block with its SHA-256 checked; unlisted blocks are
+/// zeros.
+async fn snapshot_data(env: &MotoEnv, snapshot_id: &str, len: usize) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let ebs = aws_sdk_ebs::Client::new(&env.sdk);
+    let mut out = vec![0u8; len];
+    let mut token: Option<String> = None;
+    loop {
+        let page = ebs
+            .list_snapshot_blocks()
+            .snapshot_id(snapshot_id)
+            .set_next_token(token.take())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("ListSnapshotBlocks {snapshot_id}: {e:?}"));
+        let bs = page.block_size().unwrap() as usize;
+        assert_eq!(bs, 512 << 10, "EBS blocks are 512 KiB");
+        for b in page.blocks() {
+            let i = b.block_index().unwrap() as usize;
+            let got = ebs
+                .get_snapshot_block()
+                .snapshot_id(snapshot_id)
+                .block_index(b.block_index().unwrap())
+                .block_token(b.block_token().unwrap())
+                .send()
+                .await
+                .unwrap();
+            let sum = got.checksum().unwrap().to_string();
+            let data = got.block_data.collect().await.unwrap().into_bytes();
+            assert_eq!(
+                aws_smithy_types::base64::encode(Sha256::digest(&data)),
+                sum,
+                "block {i} of {snapshot_id}"
+            );
+            let at = i * bs;
+            if at < len {
+                let n = (len - at).min(data.len());
+                out[at..at + n].copy_from_slice(&data[..n]);
+            }
+        }
+        match page.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            _ => break,
+        }
+    }
+    out
+}
+
+#[test]
+fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let env = moto_env(&rt);
+    let imds = rt.block_on(imds_of(&env));
 
     let d = tempfile::tempdir().unwrap();
-    let devs = d.path().join("devices");
-    std::fs::create_dir_all(&devs).unwrap();
+    // The emulator reads a volume's file here when it accepts a snapshot of it.
+    let devs = env.moto.device_dir.clone();
     let cfg = d.path().join("slipway.toml");
     std::fs::write(
         &cfg,
@@ -146,8 +200,23 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
     let status = server.status();
     assert_eq!(status["backend"], "aws", "{status}");
     assert_eq!(status["attachment_slots"][0], 3, "{status}");
+    // What the server runs with, as `slipway template apply` reads it back.
+    let sha = slipway_server::settings::settings_sha256(&std::fs::read_to_string(&cfg).unwrap());
+    assert_eq!(status["settings_sha256"], sha.as_str(), "{status}");
+    assert!(
+        metrics.contains(&format!("slipway_settings_info{{sha256=\"{sha}\"}} 1\n")),
+        "{metrics}"
+    );
 
-    // A restore point is a pair of tagged EBS snapshots.
+    // A restore point is a pair of tagged EBS snapshots, and they hold the source at the
+    // marker: a write made just before the request is in them (the marker comes after it),
+    // read back through the EBS direct APIs block by block.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        f.write_all_at(&vec![0x5a; 3 << 20], 5 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
     let rp = server.create_restore_point("web");
     let snaps = rt.block_on(env.snapshots());
     let of_rp: Vec<_> = snaps
@@ -162,6 +231,23 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
         Some(2),
         "{entry}"
     );
+    for s in &of_rp {
+        let disk = tag_map(s.tags()).remove("slipway:disk-id").unwrap();
+        let src = if disk == "a.img" { &a } else { &b };
+        let want = std::fs::read(src).unwrap();
+        let got = rt.block_on(snapshot_data(&env, s.snapshot_id().unwrap(), want.len()));
+        assert!(
+            got == want,
+            "snapshot {:?} of {disk} differs from the source at the marker (first difference at byte {:?})\nserver log:\n{}",
+            s.snapshot_id(),
+            got.iter().zip(&want).position(|(x, y)| x != y),
+            server.log()
+        );
+    }
+    // `restore-points verify` reads the same blocks through the server and checks them
+    // against the manifest.
+    let (ok, out, err) = server.cli(&["restore-points", "verify", &rp]);
+    assert!(ok, "verify: {out}{err}");
 
     // Deleting it deletes its snapshots.
     let (ok, _, err) = server.cli(&["restore-points", "delete", &rp]);
@@ -262,4 +348,199 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
         "the kept points are the newest: kept {by_rp:?}, pruned {pruned:?}"
     );
     let _ = agent.child.kill();
+}
+
+/// A proxy in front of the emulator that, while `throttle` is set, answers every
+/// CreateSnapshot(s) request itself with EC2's throttling error (never forwarding it, so
+/// nothing is created) and forwards everything else.
+async fn snapshot_throttling_proxy(
+    upstream: u16,
+    throttle: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    use aws_support::http::{forward, read_request, write_response};
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let throttle = throttle.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                let Ok(Some(req)) = read_request(&mut r).await else {
+                    return;
+                };
+                let body = String::from_utf8_lossy(&req.body);
+                let snapshot = body
+                    .split('&')
+                    .any(|kv| kv == "Action=CreateSnapshots" || kv == "Action=CreateSnapshot");
+                if snapshot && throttle.load(std::sync::atomic::Ordering::SeqCst) {
+                    let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>0</RequestID></Response>";
+                    let _ = write_response(
+                        &mut w,
+                        503,
+                        &[("Content-Type", "text/xml")],
+                        xml.as_bytes(),
+                        true,
+                    )
+                    .await;
+                    return;
+                }
+                let Some(resp) = forward(upstream, &req).await else {
+                    return;
+                };
+                let _ = w.write_all(&resp).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    endpoint
+}
+
+/// Item 2 of issue 14: a restore point's snapshot requests are made while the source's writes
+/// are held, but a throttled account cannot hold them longer than
+/// `replication.max_snapshot_hold`: the point fails after the bound (counted, and the abandoned
+/// point leaves no snapshot), the writes go on, and once AWS answers again a point is taken.
+#[test]
+fn a_throttled_snapshot_request_holds_the_writes_no_longer_than_the_bound() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let env = moto_env(&rt);
+    let imds = rt.block_on(imds_of(&env));
+    let throttle = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let endpoint = rt.block_on(snapshot_throttling_proxy(env.moto.port, throttle.clone()));
+
+    let d = tempfile::tempdir().unwrap();
+    let devs = env.moto.device_dir.clone();
+    let cfg = d.path().join("slipway.toml");
+    // The SDK alone would retry a throttled CreateSnapshots for 8 attempts with backoff from
+    // 1 s (tens of seconds); the hold bound is 2 s. No scheduled points (every week, and the
+    // first one is refused like the others while throttled).
+    std::fs::write(
+        &cfg,
+        "backend = \"aws\"\n[replication]\nmax_snapshot_hold = \"2s\"\n\
+         [aws]\nregion = \"us-east-1\"\nserver_tag = \"e2e-hold\"\npoll_interval = \"100ms\"\nwait_timeout = \"30s\"\n\
+         max_attempts = 8\ninitial_backoff = \"1s\"\n[pit]\ntiers = [{ every = \"1w\", keep = 1 }]\n",
+    )
+    .unwrap();
+    let devs_s = devs.to_str().unwrap().to_string();
+    let envs: Vec<(&str, &str)> = vec![
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint.as_str()),
+        ("SLIPWAY_AWS_DEVICE_MAP_DIR", devs_s.as_str()),
+    ];
+    let var = d.path().join("var");
+    let server = Server::start_env(
+        &var,
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+        &envs,
+    );
+    let token = server.token("web");
+    let a = d.path().join("a.img");
+    make_disk(&a, 8 << 20, 41);
+    let agent = Agent::start(
+        &server,
+        "web",
+        &token,
+        &[&a],
+        &["--follow", "--rescan-interval", "1s"],
+    );
+    wait_until_or(
+        "the disk to be continuous",
+        Duration::from_secs(120),
+        || server.disk_state("web", "a.img") == "continuous",
+        || {
+            format!(
+                "server log:\n{}\nagent log:\n{}",
+                server.log(),
+                agent.log_text()
+            )
+        },
+    );
+
+    // Throttled: the on-demand point fails at the bound, not after the SDK's retries.
+    let started = std::time::Instant::now();
+    let (ok, _, err) = server.cli(&["restore-points", "create", "--source", "web", "--wait"]);
+    let took = started.elapsed();
+    assert!(
+        !ok,
+        "a restore point was taken while CreateSnapshots was throttled"
+    );
+    assert!(err.contains("not accepted within 2s"), "{err}");
+    assert!(
+        took < Duration::from_secs(8),
+        "restore-points create took {took:?}: the writes were held past the 2 s bound"
+    );
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(
+        metrics.contains("slipway_restore_points_failed_total{source=\"web\"} "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "slipway_aws_requests_total{op=\"CreateSnapshots\",outcome=\"throttled\"}"
+        ) || l.starts_with(
+            "slipway_aws_requests_total{op=\"CreateSnapshot\",outcome=\"throttled\"}"
+        )),
+        "{metrics}"
+    );
+
+    // The writes were let go: a change made now arrives on the volume.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        f.write_all_at(&[0xAB; 4096], 1 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let vol = rt.block_on(env.replicas_of("web"))[0]
+        .volume_id()
+        .unwrap()
+        .to_string();
+    let dev = std::fs::read_dir(&devs)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().contains(&vol))
+        .map(|e| e.path())
+        .unwrap();
+    wait_until_or(
+        "the change to reach the volume after the failed point",
+        Duration::from_secs(60),
+        || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = [0u8; 4096];
+            std::fs::File::open(&dev)
+                .and_then(|f| f.read_exact_at(&mut buf, 1 << 20))
+                .is_ok()
+                && buf == [0xAB; 4096]
+        },
+        || {
+            format!(
+                "server log:\n{}\nagent log:\n{}",
+                server.log(),
+                agent.log_text()
+            )
+        },
+    );
+    assert!(
+        rt.block_on(env.snapshots()).is_empty(),
+        "the abandoned point left snapshots behind"
+    );
+
+    // AWS answers again: the next point is taken.
+    throttle.store(false, std::sync::atomic::Ordering::SeqCst);
+    let rp = server.create_restore_point("web");
+    let snaps = rt.block_on(env.snapshots());
+    assert!(
+        snaps
+            .iter()
+            .any(|s| tag_map(s.tags()).get("slipway:restore-point") == Some(&rp)),
+        "{snaps:?}"
+    );
+    drop(agent);
 }

@@ -1,6 +1,6 @@
 //! The data path end to end: real binaries over loopback QUIC, byte-for-byte comparisons.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -292,17 +292,21 @@ fn clean_stops_during_writes_resume_without_losing_a_change() {
     let (mut saved, mut resumed) = (0, 0);
     for round in 0..5 {
         let mut a = Agent::start(&server, "busy", &token, &[&src], &args);
-        // Write for about a second, stop the agent while still writing, write some more.
-        let deadline = std::time::Instant::now() + Duration::from_millis(1200);
+        // Write for about a second, stop the agent while still writing (after 150 writes or
+        // 0.8 s, whichever comes first: a loaded machine makes fewer writes), write some more.
+        let begun = std::time::Instant::now();
+        let deadline = begun + Duration::from_millis(1200);
         let mut n = 0;
-        while std::time::Instant::now() < deadline || n < 50 {
+        let mut stopped = false;
+        while std::time::Instant::now() < deadline || n < 50 || !stopped {
             let len = rng.gen_range(1..=16) * 4096;
             let off = rng.gen_range(0..(size - len) / 4096) * 4096;
             let fill = if rng.gen_ratio(1, 8) { 0 } else { rng.gen() };
             f.write_all_at(&vec![fill; len as usize], off).unwrap();
             n += 1;
-            if n == 150 {
+            if !stopped && (n >= 150 || begun.elapsed() >= Duration::from_millis(800)) {
                 sh("kill", &["-TERM", &a.child.id().to_string()]);
+                stopped = true;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -377,6 +381,54 @@ fn a_completed_pass_is_recorded_before_its_last_ack() {
         "the completed pass was forgotten: {disk}"
     );
     assert_same(&src, &server.volume("rec", "r.img"), 4 << 20);
+}
+
+/// A connection that goes away while its disk's event poller is still recording a completed
+/// pass (held 5 s by the failpoint) keeps the disk's lease until the record is written: the
+/// next agent's open (which writes a new volume stamp and new metadata) comes after it, never
+/// before. Were the lease released first, the old session's record would land over the new
+/// session's metadata (an older stamp, an older run), and a restarted server would distrust a
+/// good volume.
+#[test]
+fn a_late_pass_record_never_overwrites_the_next_sessions_metadata() {
+    let d = tempfile::tempdir().unwrap();
+    let var = d.path().join("var");
+    let server = Server::start_env(
+        &var,
+        "127.0.0.1:0",
+        &[],
+        &[("SLIPWAY_FAILPOINT", "pass-completed-before-record")],
+    );
+    let token = server.token("late");
+    let src = d.path().join("l.img");
+    make_disk(&src, 4 << 20, 23);
+    let mut first = Agent::start(&server, "late", &token, &[&src], &["--follow"]);
+    wait_until(
+        "the pass record to be held",
+        Duration::from_secs(60),
+        || {
+            server
+                .log()
+                .contains("failpoint pass-completed-before-record: pausing")
+        },
+    );
+    // The agent goes away while the record is held; a new run connects at once.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let mut second = Agent::start(&server, "late", &token, &[&src], &[]);
+    let st = second.wait(Duration::from_secs(120));
+    assert!(st.success(), "{}", second.log_text());
+    let log = server.log();
+    let resumed = log
+        .find("failpoint pass-completed-before-record: resuming")
+        .unwrap_or(usize::MAX);
+    let opens: Vec<usize> = log.match_indices("disk opened").map(|(i, _)| i).collect();
+    assert!(opens.len() >= 2, "{log}");
+    assert!(
+        resumed < opens[1],
+        "the next session opened the disk before the old one's record was written:\n{log}"
+    );
+    assert_same(&src, &server.volume("late", "l.img"), 4 << 20);
 }
 
 /// The volume under a disk's metadata is replaced by an older copy while nothing runs (a
@@ -510,4 +562,62 @@ fn a_new_agent_run_sends_only_the_chunks_that_differ() {
         "checksum resync sent {sent} bytes for {differ} that differ on a {size}-byte disk"
     );
     assert!(sent >= differ, "the changed chunks were sent: {sent}");
+}
+
+#[test]
+fn the_servers_bandwidth_limit_for_a_source_reaches_its_agent() {
+    // The server's settings cap source "web" at 8 Mbit/s (1 MB/s); the agent has no limit of
+    // its own. The 6 MiB of data an 8 MiB test disk holds then take at least 6 s (the
+    // bucket's 100 kB burst aside); unthrottled they take well under one on loopback.
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::with_settings(
+        &d.path().join("var"),
+        "[sources.web]\nbandwidth_mbps = 8\n[sources.other]\nbandwidth_mbps = 1000\n",
+    );
+    let src = d.path().join("disk.img");
+    let size: u64 = 8 << 20;
+    make_disk(&src, size, 73);
+    let status_file = d.path().join("agent-status.json");
+    let token = server.token("web");
+    let started = Instant::now();
+    let mut a = Agent::start(
+        &server,
+        "web",
+        &token,
+        &[&src],
+        &["--status-file", status_file.to_str().unwrap()],
+    );
+    assert!(
+        a.wait(Duration::from_secs(120)).success(),
+        "{}",
+        a.log_text()
+    );
+    let took = started.elapsed();
+    assert_same(&src, &server.volume("web", "disk.img"), size);
+    let log = a.log_text();
+    assert!(
+        log.contains("bandwidth limit set by the server") && log.contains("Some(8.0)"),
+        "{log}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap();
+    assert_eq!(status["server_bandwidth_limit_mbps"], 8.0, "{status}");
+    let sent = metric(
+        &server.http_get("/metrics").1,
+        "slipway_disk_received_bytes_total{disk=\"disk.img\",source=\"web\"}",
+    );
+    assert!(sent >= (6 << 20) as f64, "{sent}");
+    assert!(
+        took.as_secs_f64() >= sent / 1e6 - 0.2,
+        "{sent} bytes under a pushed 8 Mbit/s limit went in {took:?}"
+    );
+    // The server says what it pushes.
+    let report = server.status();
+    let web = report["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "web")
+        .unwrap();
+    assert_eq!(web["bandwidth_limit_mbps"], 8.0, "{report}");
 }

@@ -14,8 +14,14 @@
 //!   own `slipway-userdata` script writes the settings file from the user data, and
 //!   `slipway serve` starts on it with the same data dir (the root disk survives a stop);
 //! - on TerminateInstances it shuts the server down if it still runs. A replacement instance
-//!   boots once `apply` has attached the volumes to it, with a data dir of its own (a new
-//!   root disk).
+//!   boots once `apply` has attached the volumes to it, with a new root disk.
+//!
+//! Every boot first runs `slipway identity-volume mount`, as the AMI's slipway-identity.service
+//! does: it finds the server's identity volume by the instance's tags and mounts it (a
+//! `FileMap` file, which `mount` puts on a loop device: the tests run as root) on the data
+//! dir; every shutdown unmounts it. So the replacement server has the replaced one's TLS
+//! identity, token secret and disk metadata: the agent, never restarted, reconnects with its
+//! pinned fingerprint and old token and resumes its disk without a resync.
 //!
 //! The server itself talks to the emulator directly; its volumes are files
 //! (`SLIPWAY_AWS_DEVICE_MAP_DIR`), as in `aws_backend.rs`.
@@ -54,6 +60,29 @@ struct Host {
     boots: AtomicUsize,
     /// What each stop found: acknowledged ranges checked on the volume, or what was wrong.
     stop_checks: Mutex<Vec<Result<usize, String>>>,
+    /// What each boot's `slipway identity-volume mount` printed.
+    identity_mounts: Mutex<Vec<String>>,
+    /// The identity volume's id (its file is not the replica's) and where it is mounted now.
+    identity_volume: Mutex<Option<String>>,
+    mounted: Mutex<Option<PathBuf>>,
+}
+
+/// Unmounts the identity volume when the test ends, however it ends (before the test's
+/// directory is removed).
+struct Unmount(Arc<Host>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        // The server first (its Drop kills it), then the mount, lazily: no panic while a
+        // failed test unwinds.
+        drop(self.0.server.lock().map(|mut s| s.take()));
+        if let Some(dir) = self.0.mounted.lock().ok().and_then(|mut m| m.take()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&dir)
+                .status();
+        }
+    }
 }
 
 impl Host {
@@ -70,11 +99,42 @@ impl Host {
 
     /// The replica file of the one replica volume (whole GiB; the disk is its prefix).
     fn volume_file(&self) -> Option<PathBuf> {
+        let identity = self
+            .identity_volume
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|id| format!("{id}.img"));
         std::fs::read_dir(self.devices())
             .ok()?
             .flatten()
             .map(|e| e.path())
-            .next()
+            .find(|p| p.file_name().and_then(|n| n.to_str()) != identity.as_deref())
+    }
+
+    /// The instance shuts down: its identity volume is unmounted.
+    fn unmount(&self) {
+        if let Some(dir) = self.mounted.lock().unwrap().take() {
+            let st = std::process::Command::new("umount")
+                .arg(&dir)
+                .status()
+                .unwrap();
+            if !st.success() {
+                let who = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "fuser -vm {0} 2>&1; lsof +f -- {0} 2>&1",
+                        dir.display()
+                    ))
+                    .output()
+                    .unwrap();
+                panic!(
+                    "umount {}: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&who.stdout)
+                );
+            }
+        }
     }
 
     /// Boots the instance: IMDS from the emulator's view of it, the AMI's user-data script,
@@ -132,16 +192,45 @@ impl Host {
             "slipway-userdata failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut slot = self.server.lock().unwrap();
-        // The first boot picks a free port; later boots keep it (agents have the address).
-        let listen = slot
-            .as_ref()
-            .map_or("127.0.0.1:0".to_string(), |s| s.listen.to_string());
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        // slipway-identity.service: the data dir is the server's identity volume.
+        let data_dir = self.data_dir();
+        let out = std::process::Command::new(SLIPWAY)
+            .args([
+                "identity-volume",
+                "mount",
+                "--config",
+                conf.to_str().unwrap(),
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "slipway identity-volume mount failed: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = said
+            .split_whitespace()
+            .nth(2)
+            .filter(|w| w.starts_with("vol-"))
+            .unwrap_or_else(|| panic!("no identity volume mounted: {said}"))
+            .to_string();
+        *self.identity_volume.lock().unwrap() = Some(id);
+        *self.mounted.lock().unwrap() = Some(data_dir);
+        self.identity_mounts.lock().unwrap().push(said);
+        let mut slot = self.server.lock().unwrap();
+        // The first boot picks a free port; later boots keep it (agents have the address).
+        let listen = slot
+            .as_ref()
+            .map_or("127.0.0.1:0".to_string(), |s| s.listen.to_string());
         let s = Server::start_env(
             &self.data_dir(),
             &listen,
@@ -157,9 +246,11 @@ impl Host {
         let mut slot = self.server.lock().unwrap();
         let s = slot.as_mut().expect("a server ran on the instance");
         if s.child.try_wait().unwrap().is_some() {
+            self.unmount();
             return;
         }
         let status = s.terminate(Duration::from_secs(60));
+        self.unmount();
         let check = if !status.success() {
             Err(format!(
                 "the server exited with {status} on SIGTERM:\n{}",
@@ -231,6 +322,27 @@ async fn host_proxy(host: Arc<Host>, upstream: u16) -> String {
     endpoint
 }
 
+/// A tag of an instance, as EC2 has it.
+fn instance_tag(
+    rt: &tokio::runtime::Runtime,
+    env: &MotoEnv,
+    instance: &str,
+    key: &str,
+) -> Option<String> {
+    rt.block_on(async {
+        let r = env
+            .ec2
+            .describe_instances()
+            .instance_ids(instance)
+            .send()
+            .await
+            .unwrap();
+        tag_map(r.reservations()[0].instances()[0].tags())
+            .get(key)
+            .cloned()
+    })
+}
+
 /// The source's one replica volume is attached to `instance`.
 fn assert_one_replica_on(rt: &tokio::runtime::Runtime, env: &MotoEnv, instance: &str) {
     let replicas = rt.block_on(env.replicas_of("web"));
@@ -300,7 +412,11 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         stops: AtomicUsize::new(0),
         boots: AtomicUsize::new(0),
         stop_checks: Mutex::new(Vec::new()),
+        identity_mounts: Mutex::new(Vec::new()),
+        identity_volume: Mutex::new(None),
+        mounted: Mutex::new(None),
     });
+    let _unmount = Unmount(host.clone());
     let port: u16 = moto.rsplit(':').next().unwrap().parse().unwrap();
     let proxy = rt.block_on(host_proxy(host.clone(), port));
 
@@ -358,6 +474,36 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     });
     *host.instance.lock().unwrap() = server_id.clone();
     rt.block_on(host.boot());
+    // The first boot made the identity volume's filesystem (apply created it empty).
+    assert!(
+        host.identity_mounts.lock().unwrap()[0].contains("formatted"),
+        "{:?}",
+        host.identity_mounts.lock().unwrap()
+    );
+    // Operators read the fingerprint agents pin from the instance's tags (the server sets
+    // it at start) and from /healthz, without a shell on the server.
+    let first_fingerprint = host
+        .server
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .fingerprint
+        .clone();
+    assert_eq!(
+        instance_tag(&rt, &env, &server_id, "slipway:tls-fingerprint").as_deref(),
+        Some(first_fingerprint.as_str())
+    );
+    let (code, body) = host
+        .server
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .http_get("/healthz");
+    assert_eq!(code, 200);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["fingerprint"], first_fingerprint.as_str(), "{body}");
 
     // Replicate, following changes.
     let (token, agent_server) = {
@@ -367,7 +513,8 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     };
     let agent = {
         let slot = host.server.lock().unwrap();
-        Agent::start(
+        Agent::start_logging_in(
+            d.path(),
             slot.as_ref().unwrap(),
             "web",
             &token,
@@ -478,14 +625,25 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
     );
     assert!(alog.contains("resuming"), "{alog}");
 
-    // Nothing left to do: a second apply stops nothing.
+    // Nothing left to do: a second apply stops nothing, and leaves the tag the server set
+    // on its instance alone.
     let again = apply();
     assert!(again.contains("no changes"), "{again}");
     assert_eq!(host.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        instance_tag(&rt, &env, &server_id, "slipway:tls-fingerprint").as_deref(),
+        Some(first_fingerprint.as_str()),
+        "apply must not remove the server's own fingerprint tag"
+    );
 
     // An upgrade: a new AMI replaces the server. The old one drains (checked like the
-    // switch), its volume moves to a new instance, which boots with a new root disk: a new
-    // TLS identity and token secret, and no disk metadata.
+    // switch), its replica and identity volumes move to a new instance, which boots with a
+    // new root disk but the old data dir: the same TLS identity, token secret and disk
+    // metadata.
+    let token_secret = |h: &Host| std::fs::read(h.data_dir().join("tls/token.key")).unwrap();
+    let old_secret = token_secret(&host);
+    let old_identity = host.identity_volume.lock().unwrap().clone().unwrap();
+    let resumes_before = agent.log_text().matches("resuming").count();
     write_template("m5.xlarge", "ami-87654321");
     let replaced = apply();
     assert_eq!(host.stops.load(Ordering::SeqCst), 2, "{replaced}");
@@ -514,7 +672,22 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         assert_eq!(live.len(), 1, "{replaced}");
         live.remove(0)
     });
-    let old_fingerprint = host
+    *host.instance.lock().unwrap() = new_id.clone();
+    // The source changes while the server is being replaced; the agent keeps running.
+    f.write_all_at(&vec![0x3c; 1 << 20], 22 << 20).unwrap();
+    f.sync_all().unwrap();
+    rt.block_on(host.boot());
+    let mounts = host.identity_mounts.lock().unwrap().clone();
+    assert!(
+        mounts
+            .last()
+            .unwrap()
+            .contains(&format!("identity volume {old_identity} "))
+            && mounts.last().unwrap().contains(" mounted on "),
+        "the replacement mounts the replaced server's identity volume as it is: {mounts:?}"
+    );
+    assert!(!mounts.last().unwrap().contains("formatted"), "{mounts:?}");
+    let fingerprint = host
         .server
         .lock()
         .unwrap()
@@ -522,32 +695,18 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         .unwrap()
         .fingerprint
         .clone();
-    *host.instance.lock().unwrap() = new_id.clone();
-    rt.block_on(host.boot());
-    drop(agent);
-    let (token, fingerprint) = {
-        let slot = host.server.lock().unwrap();
-        let s = slot.as_ref().unwrap();
-        (s.token("web"), s.fingerprint.clone())
-    };
-    assert_ne!(
-        fingerprint, old_fingerprint,
-        "a new root disk, a new identity"
+    assert_eq!(
+        fingerprint, first_fingerprint,
+        "the replacement server has the identity the agent pins"
     );
-    // The source changed while no agent ran.
-    f.write_all_at(&vec![0x3c; 1 << 20], 22 << 20).unwrap();
-    f.sync_all().unwrap();
-    let agent = {
-        let slot = host.server.lock().unwrap();
-        Agent::start(slot.as_ref().unwrap(), "web", &token, &[&source], &[])
-    };
-    let logs = || {
-        format!(
-            "server log:\n{}\nagent log:\n{}",
-            host.log(),
-            agent.log_text()
-        )
-    };
+    assert_eq!(token_secret(&host), old_secret, "the same token secret");
+    assert_eq!(
+        instance_tag(&rt, &env, &new_id, "slipway:tls-fingerprint").as_deref(),
+        Some(first_fingerprint.as_str())
+    );
+    // The very agent that replicated before — its pinned fingerprint, its old token — finds
+    // the replacement at the same address and resumes: no pass from offset 0 beyond the
+    // initial sync, the server's metadata says where the disk stands.
     wait_until_or(
         "the replica to be identical on the replacement server",
         Duration::from_secs(120),
@@ -557,13 +716,55 @@ fn an_agent_keeps_replicating_across_an_instance_type_switch() {
         },
         logs,
     );
+    wait_until_or(
+        "the disk to be continuous on the replacement server",
+        Duration::from_secs(60),
+        || state() == "continuous",
+        logs,
+    );
     assert_one_replica_on(&rt, &env, &new_id);
     let log = host.log();
     assert!(log.contains("adopted volume"), "{log}");
-    // Without metadata the server cannot prove where the volume stands: a resync (which
-    // also rewrites zero ranges), never a fresh sync that would skip them.
     let alog = agent.log_text();
-    assert!(alog.contains("resume=Resync"), "{alog}");
+    assert_eq!(
+        alog.matches("pass starts from offset 0").count(),
+        1,
+        "only the initial sync is a full pass, also across the replacement:\n{alog}"
+    );
+    assert!(!alog.contains("resume=Resync"), "{alog}");
+    assert!(
+        alog.matches("resuming").count() > resumes_before,
+        "the agent resumed on the replacement:\n{alog}"
+    );
+    assert!(!alog.contains("credential refused"), "{alog}");
+    // A second apply leaves it alone: one identity volume, on the new server.
+    let again = apply();
+    assert!(again.contains("no changes"), "{again}");
+    rt.block_on(async {
+        let vols = env
+            .ec2
+            .describe_volumes()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:slipway:role")
+                    .values("identity")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let ids: Vec<(&str, Option<&str>)> = vols
+            .volumes()
+            .iter()
+            .map(|v| {
+                (
+                    v.volume_id().unwrap(),
+                    v.attachments().first().and_then(|a| a.instance_id()),
+                )
+            })
+            .collect();
+        assert_eq!(ids, [(old_identity.as_str(), Some(new_id.as_str()))]);
+    });
     drop(agent);
     let _ = host.server.lock().unwrap().take();
 }

@@ -16,7 +16,7 @@ use slipway_agent::freeze::{
     WatchdogOutcome,
 };
 
-use crate::support::{is_root, AGENT};
+use crate::support::{agent_bin, is_root};
 
 fn can_mount_ext4() -> bool {
     if !is_root() {
@@ -160,7 +160,7 @@ struct Watchdog {
 impl Watchdog {
     /// Starts it with `stdin` as its stdin (a pipe) and waits for its `ready` line.
     fn start(deadline_ms: u64, mount_point: &Path, stdin: Stdio) -> Watchdog {
-        let mut child = Command::new(AGENT)
+        let mut child = Command::new(agent_bin())
             .args(["freeze-watchdog", "--deadline-ms", &deadline_ms.to_string()])
             .arg("--")
             .arg(mount_point)
@@ -337,7 +337,7 @@ fn a_freeze_guarded_by_the_real_binary_holds_writers_until_the_thaw() {
     assert_eq!(plan.mount_points(), vec![fs.mount_point.clone()]);
     let opts = FreezeOptions {
         watchdog: WatchdogCommand {
-            program: AGENT.into(),
+            program: agent_bin().into(),
             args: vec!["freeze-watchdog".into()],
         },
         ..FreezeOptions::default()

@@ -29,26 +29,18 @@ const WORKLOAD_LIMIT_S: u32 = 120;
 /// Whether this process can make loop devices, filesystems and SQLite databases; says why not
 /// on stderr.
 fn can_run(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("skipping {test}: it needs root (loop devices, mount)");
+    if !root_with_tools(
+        test,
+        &[
+            "losetup",
+            "mkfs.ext4",
+            "mount",
+            "umount",
+            "e2fsck",
+            "python3",
+        ],
+    ) {
         return false;
-    }
-    for tool in [
-        "losetup",
-        "mkfs.ext4",
-        "mount",
-        "umount",
-        "e2fsck",
-        "python3",
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            eprintln!("skipping {test}: {tool} is not installed");
-            return false;
-        }
     }
     let sqlite = Command::new("python3")
         .args(["-c", "import sqlite3, hashlib, json"])

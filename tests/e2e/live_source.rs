@@ -16,21 +16,7 @@ use crate::support::*;
 
 /// Whether this process can make loop devices and filesystems; says why not on stderr.
 fn can_run(test: &str) -> bool {
-    if sh("id", &["-u"]).trim() != "0" {
-        eprintln!("skipping {test}: it needs root (loop devices, mount)");
-        return false;
-    }
-    for tool in ["losetup", "mkfs.ext4", "mount", "umount", "dd"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            eprintln!("skipping {test}: {tool} is not installed");
-            return false;
-        }
-    }
-    true
+    root_with_tools(test, &["losetup", "mkfs.ext4", "mount", "umount", "dd"])
 }
 
 /// A loop device over an image file, optionally with a filesystem mounted on it. Dropping it

@@ -3,7 +3,9 @@
 
 #[cfg(feature = "aws")]
 mod aws_backend;
+mod boot;
 mod capture_memory;
+mod crate_graph;
 mod data_path;
 #[cfg(feature = "aws")]
 mod fleet_switch;
@@ -13,6 +15,7 @@ mod live_source;
 mod network;
 mod pit_sim;
 mod powercut;
+mod quic_windows;
 mod refusals;
 mod reliability;
 mod restore_points;

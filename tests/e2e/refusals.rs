@@ -332,9 +332,30 @@ fn frame_bytes(f: &Frame) -> Vec<u8> {
 /// Tokens expire and can be revoked one by one; each refusal tells the agent why, and a
 /// revocation closes the connection that presented the token. The agent reads its token from
 /// a private file (`--token-file`), so it never shows in `ps`.
+/// Issues a token for `source` into `dir/token` (mode 0600, as the agent requires); returns the
+/// file and the token's id.
+fn token_file(
+    server: &Server,
+    dir: &std::path::Path,
+    source: &str,
+) -> (std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let (ok, token, err) = server.cli(&["token", "issue", "--source-id", source]);
+    assert!(ok, "{err}");
+    let id = err
+        .split_whitespace()
+        .nth(2)
+        .expect("token id on stderr")
+        .to_string();
+    assert_eq!(id.len(), 32, "{err}");
+    let file = dir.join("token");
+    std::fs::write(&file, &token).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (file, id)
+}
+
 #[test]
 fn expired_and_revoked_tokens_are_refused_with_their_reason() {
-    use std::os::unix::fs::PermissionsExt;
     let d = tempfile::tempdir().unwrap();
     let server = Server::start(&d.path().join("var"));
     let src = d.path().join("disk.img");
@@ -348,17 +369,7 @@ fn expired_and_revoked_tokens_are_refused_with_their_reason() {
     assert_eq!(st.code(), Some(2), "{}", agent.log_text());
     assert!(agent.log_text().contains("expired"), "{}", agent.log_text());
 
-    let (ok, token, err) = server.cli(&["token", "issue", "--source-id", "rev"]);
-    assert!(ok, "{err}");
-    let id = err
-        .split_whitespace()
-        .nth(2)
-        .expect("token id on stderr")
-        .to_string();
-    assert_eq!(id.len(), 32, "{err}");
-    let token_file = d.path().join("token");
-    std::fs::write(&token_file, &token).unwrap();
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (token_file, id) = token_file(&server, d.path(), "rev");
     let mut agent = Agent::start(
         &server,
         "rev",
@@ -382,6 +393,45 @@ fn expired_and_revoked_tokens_are_refused_with_their_reason() {
     assert_eq!(st.code(), Some(2), "{}", agent.log_text());
     assert!(agent.log_text().contains("revoked"), "{}", agent.log_text());
     assert!(server.healthy());
+}
+
+/// A token revoked while its connection is between the check of its hello and its
+/// registration (held there by a failpoint) is not missed: the connection is closed as soon
+/// as it registers, and the agent stops with the reason.
+#[test]
+fn a_token_revoked_during_the_handshake_closes_its_connection() {
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::start_env(
+        &d.path().join("var"),
+        "127.0.0.1:0",
+        &[],
+        &[("SLIPWAY_FAILPOINT", "handshake-before-register")],
+    );
+    let src = d.path().join("disk.img");
+    make_disk(&src, 2 << 20, 6);
+    let (token_file, id) = token_file(&server, d.path(), "race");
+    let mut agent = Agent::start(
+        &server,
+        "race",
+        "",
+        &[&src],
+        &["--follow", "--token-file", token_file.to_str().unwrap()],
+    );
+    wait_until("the hello to be held", Duration::from_secs(30), || {
+        server.log().contains("failpoint handshake-before-register")
+    });
+    // Revoked now: no session is registered yet, so the revocation closes nothing.
+    let (ok, out, err) = server.cli(&["token", "revoke", &id]);
+    assert!(ok, "{err}");
+    assert!(out.contains("0 connection(s) closed"), "{out}");
+    let st = agent.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(2), "{}", agent.log_text());
+    assert!(agent.log_text().contains("revoked"), "{}", agent.log_text());
+    assert!(
+        server.log().contains("token revoked during the handshake"),
+        "{}",
+        server.log()
+    );
 }
 
 /// The admin socket serves only root and the server's own user: a socket opened up by

@@ -21,7 +21,12 @@ const BLOCK: u64 = 512 * 1024;
 #[test]
 fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
     let d = tempfile::tempdir().unwrap();
-    let server = Server::start(&d.path().join("var"));
+    // The scheduler takes one point as soon as the disks are continuous, then none for a day:
+    // the test answers that one first, so each later marker request is its own.
+    let server = Server::with_settings(
+        &d.path().join("var"),
+        "[pit]\ntiers = [{ every = \"1d\", keep = 10 }]\n",
+    );
     let token = server.token("two-disk");
     let size: u64 = 6 * BLOCK + 8192; // a partial last block
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -99,6 +104,26 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
                 write_write(&mut streams[disk].0, &f, false).await.unwrap();
             }
         }
+        // The marker `marker_id` at `seq` on both disks.
+        async fn place_markers(
+            streams: &mut [(quinn::SendStream, quinn::RecvStream)],
+            handles: &[u32],
+            seq: u64,
+            marker_id: u64,
+        ) {
+            for (disk, (send, _)) in streams.iter_mut().enumerate() {
+                write_frame(
+                    send,
+                    &Frame::Marker(Marker {
+                        handle: handles[disk],
+                        seq,
+                        marker_id,
+                    }),
+                )
+                .await
+                .unwrap();
+            }
+        }
         // Initial pass: fill both disks, then report them continuous.
         for disk in 0..2 {
             let mut off = 0;
@@ -150,6 +175,33 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
                 }
             }
         }
+        // The scheduler's point: its marker request comes once both disks are continuous.
+        let scheduled = loop {
+            match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut cr, MAX_BODY_LEN))
+                .await
+            {
+                Ok(Ok(Some(Frame::MarkerRequest(m)))) => break m.marker_id,
+                Ok(Ok(Some(_))) => {}
+                other => panic!("no scheduled marker request: {other:?}\n{}", server.log()),
+            }
+        };
+        let at_scheduled = model.clone();
+        seq += 1;
+        place_markers(&mut streams, &handles, seq, scheduled).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let first = loop {
+            let list = tokio::task::block_in_place(|| server.restore_points());
+            if let Some(rp) = list.first() {
+                break rp["id"].as_str().unwrap().to_string();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the scheduled restore point never appeared\n{}",
+                server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        expected.insert(first, at_scheduled);
         let dd = server.data_dir.clone();
         for round in 0..3 {
             random_writes(
@@ -201,18 +253,7 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
             };
             let at_marker = model.clone();
             seq += 1;
-            for disk in 0..2 {
-                write_frame(
-                    &mut streams[disk].0,
-                    &Frame::Marker(Marker {
-                        handle: handles[disk],
-                        seq,
-                        marker_id,
-                    }),
-                )
-                .await
-                .unwrap();
-            }
+            place_markers(&mut streams, &handles, seq, marker_id).await;
             // Keep writing after the marker: none of this may appear in the restore point.
             random_writes(
                 40,
@@ -241,9 +282,9 @@ fn restore_points_equal_the_state_at_their_marker_on_every_disk() {
         }
         conn.close(0u32.into(), b"done");
     });
-    assert_eq!(expected.len(), 3);
+    assert_eq!(expected.len(), 4);
     let list = server.restore_points();
-    assert_eq!(list.len(), 3);
+    assert_eq!(list.len(), 4);
     for rp in &list {
         for key in [
             "id",
@@ -349,16 +390,9 @@ fn follow_mode_restore_points_are_incremental() {
 #[test]
 fn scheduler_takes_and_prunes_by_policy() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = d.path().join("slipway.toml");
-    std::fs::write(
-        &cfg,
-        "[pit]\ntiers = [ { every = \"1s\", keep = 2 }, { every = \"3s\", keep = 2 } ]\n",
-    )
-    .unwrap();
-    let server = Server::start_with(
+    let server = Server::with_settings(
         &d.path().join("var"),
-        "127.0.0.1:0",
-        &["--config", cfg.to_str().unwrap()],
+        "[pit]\ntiers = [ { every = \"1s\", keep = 2 }, { every = \"3s\", keep = 2 } ]\n",
     );
     let token = server.token("sched");
     let src = d.path().join("s.img");

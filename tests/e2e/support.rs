@@ -17,7 +17,74 @@ use std::time::{Duration, Instant};
 use rand::{RngCore, SeedableRng};
 
 pub const SLIPWAY: &str = env!("CARGO_BIN_EXE_slipway");
-pub const AGENT: &str = env!("CARGO_BIN_EXE_slipway-agent");
+
+/// The `slipway-agent` binary: `target/<profile>/slipway-agent`, beside this test binary's
+/// directory (`target/<profile>/deps/`).
+///
+/// `env!("CARGO_BIN_EXE_…")` names only binaries of the package the test belongs to, and the
+/// agent is its own package (`crates/agent`, so building it never builds the server or the AWS
+/// SDK). `make test` (`cargo test --workspace --all-targets`) builds it before any test runs:
+/// cargo builds a package's binaries for its integration tests, and `crates/agent` has some.
+/// A lone `cargo test -p slipway --test e2e` does not, so a missing binary — or one older than
+/// the agent's sources, which would test yesterday's agent — fails here saying what to run.
+pub fn agent_bin() -> &'static str {
+    static AGENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        let path = workspace_bin("slipway-agent");
+        let built = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}: run `cargo build -p slipway-agent` first (make test builds it)",
+                    path.display()
+                )
+            });
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for dir in ["crates/agent/src", "crates/proto/src", "crates/net/src"] {
+            if let Some(newer) = newer_source(&repo.join(dir), built) {
+                panic!(
+                    "{} is older than {}: run `cargo build -p slipway-agent` first (make test \
+                     builds it)",
+                    path.display(),
+                    newer.display()
+                );
+            }
+        }
+        path.into_os_string()
+            .into_string()
+            .expect("the target dir's path is UTF-8")
+    })
+}
+
+/// `target/<profile>/<name>`: a binary of another workspace package, built by the same cargo
+/// invocation into the directory above this test binary's.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps")
+        .join(name)
+}
+
+/// A `.rs` file under `dir` modified after `than`, if any.
+fn newer_source(dir: &Path, than: std::time::SystemTime) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(p) = newer_source(&path, than) {
+                return Some(p);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > than)
+        {
+            return Some(path);
+        }
+    }
+    None
+}
 
 /// A running `slipway serve`.
 pub struct Server {
@@ -36,6 +103,21 @@ impl Server {
 
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
         Self::start_env(data_dir, listen, extra, &[])
+    }
+
+    /// Starts on 127.0.0.1 with a settings file of `toml`, written beside the data dir
+    /// (`<data_dir>/../slipway.toml`).
+    pub fn with_settings(data_dir: &Path, toml: &str) -> Server {
+        let cfg = data_dir
+            .parent()
+            .expect("a data dir inside a test directory")
+            .join("slipway.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        Self::start_with(
+            data_dir,
+            "127.0.0.1:0",
+            &["--config", cfg.to_str().unwrap()],
+        )
     }
 
     /// Starts with extra environment variables (e.g. `SLIPWAY_FAILPOINT`).
@@ -296,14 +378,39 @@ impl Agent {
         disks: &[&Path],
         extra: &[&str],
     ) -> Agent {
-        let mut cmd = Command::new(AGENT);
+        Self::start_logging_in(&server.data_dir, server, source, token, disks, extra)
+    }
+
+    /// Like [`start`](Self::start), with the log in `dir` rather than the server's data dir
+    /// (which a test may unmount while the agent runs).
+    pub fn start_logging_in(
+        dir: &Path,
+        server: &Server,
+        source: &str,
+        token: &str,
+        disks: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        let mut cmd = Command::new(agent_bin());
         cmd.arg("replicate");
-        Self::spawn(cmd, server, source, token, disks, extra)
+        Self::spawn_in(dir, cmd, server, source, token, disks, extra)
     }
 
     /// Runs `cmd --server … --disk … extra…` (cmd is the binary and `replicate`, or a wrapper
     /// such as `ip netns exec NS slipway-agent replicate`), logging to a file of its own.
     fn spawn(
+        cmd: Command,
+        server: &Server,
+        source: &str,
+        token: &str,
+        disks: &[&Path],
+        extra: &[&str],
+    ) -> Agent {
+        Self::spawn_in(&server.data_dir, cmd, server, source, token, disks, extra)
+    }
+
+    fn spawn_in(
+        dir: &Path,
         mut cmd: Command,
         server: &Server,
         source: &str,
@@ -311,9 +418,7 @@ impl Agent {
         disks: &[&Path],
         extra: &[&str],
     ) -> Agent {
-        let log = server
-            .data_dir
-            .join(format!("agent-{source}-{}.log", rand::random::<u32>()));
+        let log = dir.join(format!("agent-{source}-{}.log", rand::random::<u32>()));
         cmd.args(["--server", &server.listen.to_string()])
             .args(["--server-fingerprint", &server.fingerprint])
             .args(["--source-id", source]);
@@ -790,7 +895,7 @@ impl Agent {
         extra: &[&str],
     ) -> Agent {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, AGENT, "replicate"]);
+        cmd.args(["netns", "exec", ns, agent_bin(), "replicate"]);
         Self::spawn(cmd, server, source, token, disks, extra)
     }
 }
@@ -918,4 +1023,24 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
+}
+
+/// Whether this process is root and every tool of `tools` is on PATH; says why not on stderr
+/// (the tests that need loop devices and mounts skip themselves otherwise).
+pub fn root_with_tools(test: &str, tools: &[&str]) -> bool {
+    if !is_root() {
+        eprintln!("skipping {test}: it needs root (loop devices, mount)");
+        return false;
+    }
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            eprintln!("skipping {test}: {tool} is not installed");
+            return false;
+        }
+    }
+    true
 }

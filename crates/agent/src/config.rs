@@ -84,30 +84,6 @@ pub fn parse_bandwidth_limit(s: &str) -> Result<Option<f64>, ConfigError> {
     Ok(Some(mbps))
 }
 
-/// Parses a byte size: a number with an optional unit. `K`, `M`, `G`, `T` (with or without
-/// `iB`) are powers of 1024, `KB`, `MB`, `GB`, `TB` powers of 1000, `B` is bytes.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    if digits == 0 {
-        return None;
-    }
-    let n: u64 = s[..digits].parse().ok()?;
-    let mult: u64 = match s[digits..].trim_start() {
-        "" | "B" | "b" => 1,
-        "K" | "k" | "KiB" | "kiB" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        "T" | "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
 /// Parses a duration in humantime syntax (`10s`, `1m 30s`, `250ms`).
 pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s.trim()).map_err(|_| ConfigError::BadDuration {
@@ -117,7 +93,7 @@ pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, ConfigErr
 }
 
 fn size_flag(flag: &'static str, s: &str) -> Result<u64, ConfigError> {
-    parse_size(s).ok_or_else(|| ConfigError::BadSize {
+    slipway_net::units::parse_size(s).map_err(|_| ConfigError::BadSize {
         flag,
         value: s.to_owned(),
     })
@@ -487,33 +463,6 @@ mod tests {
 
     fn never(_: &Path) -> bool {
         false
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("1MiB"), Some(1 << 20));
-        assert_eq!(parse_size("128MiB"), Some(128 << 20));
-        assert_eq!(parse_size("64K"), Some(64 << 10));
-        assert_eq!(parse_size("64 KiB"), Some(64 << 10));
-        assert_eq!(parse_size("2GiB"), Some(2 << 30));
-        assert_eq!(parse_size("1T"), Some(1 << 40));
-        assert_eq!(parse_size("1MB"), Some(1_000_000));
-        assert_eq!(parse_size("10B"), Some(10));
-        assert_eq!(parse_size("0"), Some(0));
-        for bad in [
-            "",
-            "MiB",
-            "1.5MiB",
-            "-1",
-            "1 XB",
-            "1MiBs",
-            "99999999999999999999",
-        ] {
-            assert_eq!(parse_size(bad), None, "{bad:?}");
-        }
-        // Overflow is refused, not wrapped.
-        assert_eq!(parse_size("16777216T"), None);
     }
 
     #[test]

@@ -250,6 +250,9 @@ pub(crate) struct Shared {
     /// lines wait in `deferred_logs` until the thaw.
     pub frozen_now: AtomicBool,
     pub deferred_logs: Mutex<Vec<String>>,
+    /// The source's bandwidth limit: the agent's own (`cfg.bandwidth`) and the one the server
+    /// pushes, shared by every disk's sender.
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 impl Shared {
@@ -469,6 +472,10 @@ pub async fn replicate_until(
         tracking_changed: AtomicBool::new(false),
         frozen_now: AtomicBool::new(false),
         deferred_logs: Mutex::new(Vec::new()),
+        throttle: cfg
+            .bandwidth
+            .clone()
+            .unwrap_or_else(|| Arc::new(crate::throttle::Throttle::unlimited())),
         window: Semaphore::new(cfg.window as usize),
         send_wake: (0..n).map(|_| Notify::new()).collect(),
         pass_wake: (0..n).map(|_| Notify::new()).collect(),

@@ -143,6 +143,7 @@ impl Link {
             features: features::HASHES
                 | features::MARKER_NOTES
                 | features::TRACKING_NOTES
+                | features::SOURCE_LIMITS
                 | if cfg.compress { features::LZ4 } else { 0 },
             // Random per run: the server resumes only within one run (a run saved at a clean
             // stop goes on in the next process, see `persist`).
@@ -326,6 +327,18 @@ async fn drive(
                     Frame::ChunkHashes(h) => {
                         if let Some(disk) = handles.iter().position(|x| *x == Some(h.handle)) {
                             shared.peer_hashes[disk].add(h.first, &h.hashes);
+                        }
+                    }
+                    Frame::SourceLimits(l) => {
+                        let before = shared.throttle.pushed_mbps();
+                        shared.throttle.set_pushed_bps(l.bandwidth_bps);
+                        let now = shared.throttle.pushed_mbps();
+                        if now != before {
+                            info!(
+                                server_limit_mbps = ?now,
+                                in_force_mbps = ?shared.throttle.effective_mbps(),
+                                "bandwidth limit set by the server"
+                            );
                         }
                     }
                     Frame::MarkerRequest(m) => {
@@ -570,9 +583,7 @@ async fn disk_sender(
                 Frame::Write(w) => {
                     payload += w.data.len() as u64;
                     // The source's bandwidth limit (see `throttle`), shared by all disks.
-                    if let Some(t) = &shared.cfg.bandwidth {
-                        t.take(w.data.len() as u64).await;
-                    }
+                    shared.throttle.take(w.data.len() as u64).await;
                     write_write(&mut send, &w, lz4).await?;
                 }
                 f => write_frame(&mut send, &f).await?,

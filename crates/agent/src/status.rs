@@ -53,6 +53,10 @@ pub struct Status {
     pub updated_at_ms: u64,
     /// Megabits per second, `None`: no limit.
     pub bandwidth_limit_mbps: Option<f64>,
+    /// The limit the server's settings push for the source, Mbit/s (the stricter of the two
+    /// applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_bandwidth_limit_mbps: Option<f64>,
     /// Why restore points are taken without freezing the source's filesystems (`None`: they
     /// are frozen).
     pub freeze_off: Option<String>,
@@ -195,9 +199,14 @@ pub fn render(st: &Status, live: &Liveness, now_ms: u64) -> String {
     use std::fmt::Write as _;
     let mut out = headline(st, live, now_ms);
     out.push('\n');
-    let limit = match st.bandwidth_limit_mbps {
-        Some(m) => format!("{m} Mbit/s"),
-        None => "none".into(),
+    let limit = match (st.bandwidth_limit_mbps, st.server_bandwidth_limit_mbps) {
+        (Some(m), None) => format!("{m} Mbit/s"),
+        (None, Some(s)) => format!("{s} Mbit/s (set by the server)"),
+        (Some(m), Some(s)) if s < m => {
+            format!("{s} Mbit/s (set by the server; this agent's own: {m} Mbit/s)")
+        }
+        (Some(m), Some(s)) => format!("{m} Mbit/s (the server's: {s} Mbit/s)"),
+        (None, None) => "none".into(),
     };
     let _ = writeln!(out, "bandwidth limit: {limit}");
     if st.follow {
@@ -341,6 +350,7 @@ fn collect(shared: &Shared, acks: &mut AckClock, started_at_ms: u64, state: &str
         started_at_ms,
         updated_at_ms: now,
         bandwidth_limit_mbps: cfg.bandwidth.as_ref().map(|t| t.mbps()),
+        server_bandwidth_limit_mbps: shared.throttle.pushed_mbps(),
         freeze_off: shared.freeze_off.clone(),
         disks,
     }
@@ -405,6 +415,7 @@ mod tests {
             started_at_ms: 1_000_000,
             updated_at_ms: 2_000_000,
             bandwidth_limit_mbps: Some(50.0),
+            server_bandwidth_limit_mbps: None,
             freeze_off: None,
             disks: vec![
                 DiskStatus {

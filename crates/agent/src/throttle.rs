@@ -10,6 +10,11 @@
 //!
 //! Payload bytes are counted before compression, so with LZ4 the wire carries at most the
 //! limit (less when the data compresses).
+//!
+//! Two limits meet here: the agent's own (config or flag, fixed for the run) and the one the
+//! server's settings push for the source ([`slipway_proto::SourceLimits`], changed at any time
+//! by the session). The stricter applies: a source owner and a staging-area operator can each
+//! cap replication, and neither can lift the other's cap.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -22,11 +27,11 @@ const BURST_TIME: Duration = Duration::from_millis(100);
 /// Smallest burst, in bytes.
 const MIN_BURST: f64 = 64.0 * 1024.0;
 
-/// A token bucket of bytes, refilled at a fixed rate.
+/// A token bucket of bytes, refilled at the stricter of two rates.
 #[derive(Debug)]
 pub struct Throttle {
-    bytes_per_sec: f64,
-    burst: f64,
+    /// The agent's own limit, bytes per second (infinite: none).
+    local: f64,
     state: Mutex<Bucket>,
 }
 
@@ -36,6 +41,12 @@ struct Bucket {
     tokens: f64,
     /// When `tokens` was last brought up to date (`None`: never used, the bucket is full).
     at: Option<Instant>,
+    /// The server's limit for the source, bytes per second (infinite: none).
+    pushed: f64,
+}
+
+fn burst(rate: f64) -> f64 {
+    (rate * BURST_TIME.as_secs_f64()).max(MIN_BURST)
 }
 
 impl Throttle {
@@ -47,20 +58,52 @@ impl Throttle {
 
     /// A bucket for `bytes_per_sec` bytes per second.
     pub fn new(bytes_per_sec: f64) -> Self {
-        let burst = (bytes_per_sec * BURST_TIME.as_secs_f64()).max(MIN_BURST);
         Throttle {
-            bytes_per_sec,
-            burst,
+            local: bytes_per_sec,
             state: Mutex::new(Bucket {
-                tokens: burst,
+                tokens: burst(bytes_per_sec),
                 at: None,
+                pushed: f64::INFINITY,
             }),
         }
     }
 
-    /// The limit in megabits per second.
+    /// No limit of the agent's own (the server may still push one).
+    pub fn unlimited() -> Self {
+        Self::new(f64::INFINITY)
+    }
+
+    /// The agent's own limit in megabits per second (infinite: none).
     pub fn mbps(&self) -> f64 {
-        self.bytes_per_sec * 8.0 / 1e6
+        self.local * 8.0 / 1e6
+    }
+
+    /// Sets the limit the server pushed, in bits per second (0: none).
+    pub fn set_pushed_bps(&self, bps: u64) {
+        let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        b.pushed = if bps == 0 {
+            f64::INFINITY
+        } else {
+            bps as f64 / 8.0
+        };
+        // A bucket filled under a looser limit holds at most one burst of the new one.
+        let rate = self.local.min(b.pushed);
+        if rate.is_finite() {
+            b.tokens = b.tokens.min(burst(rate));
+        }
+    }
+
+    /// The limit in force, megabits per second (`None`: unlimited).
+    pub fn effective_mbps(&self) -> Option<f64> {
+        let b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = self.local.min(b.pushed);
+        rate.is_finite().then(|| rate * 8.0 / 1e6)
+    }
+
+    /// The server's limit, megabits per second (`None`: none pushed).
+    pub fn pushed_mbps(&self) -> Option<f64> {
+        let b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        b.pushed.is_finite().then(|| b.pushed * 8.0 / 1e6)
     }
 
     /// Waits until `bytes` may be sent under the limit.
@@ -75,16 +118,24 @@ impl Throttle {
     /// sending them.
     fn reserve(&self, bytes: u64, now: Instant) -> Duration {
         let mut b = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = self.local.min(b.pushed);
+        if !rate.is_finite() {
+            // No limit: the bucket stays full for when one is pushed.
+            b.at = None;
+            b.tokens = f64::INFINITY;
+            return Duration::ZERO;
+        }
+        let cap = burst(rate);
         if let Some(at) = b.at {
-            let earned = now.saturating_duration_since(at).as_secs_f64() * self.bytes_per_sec;
-            b.tokens = (b.tokens + earned).min(self.burst);
+            let earned = now.saturating_duration_since(at).as_secs_f64() * rate;
+            b.tokens = (b.tokens + earned).min(cap);
         }
         b.at = Some(now);
         b.tokens -= bytes as f64;
         if b.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-b.tokens / self.bytes_per_sec)
+            Duration::from_secs_f64(-b.tokens / rate)
         }
     }
 }
@@ -162,6 +213,43 @@ mod tests {
         // 4 MB together at 1 MB/s, less the first 100 kB burst.
         let took = secs(start);
         assert!((took - 3.9).abs() < 0.01, "took {took} s, expected 3.9 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stricter_of_the_agent_and_server_limits_applies() {
+        // No limit of its own: the server's 8 Mbit/s (1 MB/s) governs.
+        let t = Throttle::unlimited();
+        assert_eq!(t.effective_mbps(), None);
+        let start = Instant::now();
+        t.take(10_000_000).await;
+        assert_eq!(secs(start), 0.0, "unlimited until a limit is pushed");
+        t.set_pushed_bps(8_000_000);
+        assert_eq!(t.effective_mbps(), Some(8.0));
+        let start = Instant::now();
+        for _ in 0..10 {
+            t.take(100_000).await;
+        }
+        // 1 MB at 1 MB/s, less the 100 kB burst.
+        let took = secs(start);
+        assert!((took - 0.9).abs() < 0.01, "took {took} s, expected 0.9 s");
+
+        // Its own 80 Mbit/s is looser than the pushed 8: the pushed one still governs.
+        let t = Throttle::from_mbps(80.0);
+        t.set_pushed_bps(8_000_000);
+        assert_eq!(t.effective_mbps(), Some(8.0));
+        assert_eq!(t.pushed_mbps(), Some(8.0));
+        let start = Instant::now();
+        for _ in 0..10 {
+            t.take(100_000).await;
+        }
+        let took = secs(start);
+        assert!((took - 0.9).abs() < 0.01, "took {took} s, expected 0.9 s");
+        // A pushed limit looser than its own cannot lift it; 0 clears the pushed one.
+        t.set_pushed_bps(1_000_000_000);
+        assert_eq!(t.effective_mbps(), Some(80.0));
+        t.set_pushed_bps(0);
+        assert_eq!(t.pushed_mbps(), None);
+        assert_eq!(t.effective_mbps(), Some(80.0));
     }
 
     #[test]

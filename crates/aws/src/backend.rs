@@ -5,24 +5,45 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::metrics::AwsApiMetrics;
 use async_trait::async_trait;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{Region, SdkConfig};
-use slipway_server::backend::{
+use slipway_backend::{
     BackendError, RemoteRestorePoint, RemoteSnapshot, SnapshotBackend, SnapshotRequest,
     VolumeBackend, VolumeHandle, VolumeRequest,
 };
 use tracing::{info, warn};
 
+use crate::api::ApiInterceptor;
+use crate::budget::{Clock, Refresh, SystemClock};
 use crate::device::DeviceResolver;
 use crate::error::AwsError;
 use crate::identity::InstanceIdentity;
 use crate::settings::AwsSettings;
+use crate::snapshots::SnapCache;
 
 /// Attachments a Nitro instance allows when DescribeInstanceTypes cannot say: 28 shared
 /// between network interfaces, EBS volumes and NVMe instance store, less the primary network
 /// interface.
 pub const FALLBACK_ATTACHMENT_LIMIT: u32 = 27;
+
+/// EBS attachments (root volume included) an instance allows, from DescribeInstanceTypes'
+/// `MaximumEbsAttachments` and `AttachmentLimitType`, given its network interfaces. The one
+/// rule the server (its slot check) and the fleet planner (`max_disks_per_server`) both use.
+///
+/// AWS reports `MaximumEbsAttachments` of a shared-limit type with the primary network
+/// interface already taken off (27 for an m5.large, of 28 slots); every further interface
+/// takes one more. A dedicated limit is the EBS limit alone.
+pub fn attachment_limit(max_ebs_attachments: u32, shared: bool, network_interfaces: u32) -> u32 {
+    if shared {
+        max_ebs_attachments
+            .saturating_sub(network_interfaces.saturating_sub(1))
+            .max(1)
+    } else {
+        max_ebs_attachments
+    }
+}
 
 /// One async lock per (source, disk).
 type DiskLocks = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
@@ -46,10 +67,19 @@ pub struct AwsBackend {
     pub(crate) attach_lock: tokio::sync::Mutex<()>,
     /// Device names of attachments requested but not yet reported attached.
     pub(crate) reserved: Mutex<BTreeSet<String>>,
+    /// Slots held for volumes being created (checked and taken under `attach_lock`), until
+    /// their attachment is requested.
+    pub(crate) creating: AtomicU32,
     /// One lock per (source, disk): ensure() and adopt() never race on the same disk.
     pub(crate) disk_locks: Mutex<DiskLocks>,
     /// Volume id → volume type, for the pending-snapshot limits.
     pub(crate) volume_types: Mutex<HashMap<String, String>>,
+    /// Every request of `ec2` and `ebs` is counted here (when built by [`AwsBackend::new`]).
+    pub(crate) api_metrics: AwsApiMetrics,
+    /// Time of the describe budget (a manual clock in tests).
+    pub(crate) clock: Arc<dyn Clock>,
+    /// This server's restore-point snapshots, from one shared DescribeSnapshots.
+    pub(crate) snap_cache: tokio::sync::Mutex<SnapCache>,
 }
 
 impl std::fmt::Debug for AwsBackend {
@@ -72,6 +102,10 @@ impl AwsBackend {
         resolver: Arc<dyn DeviceResolver>,
         sdk: SdkConfig,
     ) -> Result<Self, AwsError> {
+        let metrics = AwsApiMetrics::new();
+        let counted = ApiInterceptor {
+            metrics: metrics.clone(),
+        };
         let retry = settings.retry_config();
         // Bound every attempt, so a connection that hangs becomes a retry, not a stuck call.
         let timeouts = TimeoutConfig::builder()
@@ -87,6 +121,7 @@ impl AwsBackend {
                 .region(region.clone())
                 .retry_config(retry.clone())
                 .timeout_config(timeouts.clone())
+                .interceptor(counted.clone())
                 .build(),
         );
         let ebs = aws_sdk_ebs::Client::from_conf(
@@ -94,22 +129,37 @@ impl AwsBackend {
                 .region(region)
                 .retry_config(retry)
                 .timeout_config(timeouts)
+                .interceptor(counted)
                 .build(),
         );
-        Self::from_clients(settings, identity, resolver, ec2, ebs).await
+        Self::build(settings, identity, resolver, ec2, ebs, metrics).await
     }
 
-    /// Like [`new`](Self::new) with clients configured by the caller (tests use mocked ones).
+    /// Like [`new`](Self::new) with clients configured by the caller (tests use mocked ones);
+    /// their requests are not counted unless they carry an [`ApiInterceptor`] on
+    /// [`api_metrics`](Self::api_metrics).
     pub async fn from_clients(
-        mut settings: AwsSettings,
+        settings: AwsSettings,
         identity: InstanceIdentity,
         resolver: Arc<dyn DeviceResolver>,
         ec2: aws_sdk_ec2::Client,
         ebs: aws_sdk_ebs::Client,
     ) -> Result<Self, AwsError> {
+        Self::build(settings, identity, resolver, ec2, ebs, AwsApiMetrics::new()).await
+    }
+
+    async fn build(
+        mut settings: AwsSettings,
+        identity: InstanceIdentity,
+        resolver: Arc<dyn DeviceResolver>,
+        ec2: aws_sdk_ec2::Client,
+        ebs: aws_sdk_ebs::Client,
+        api_metrics: AwsApiMetrics,
+    ) -> Result<Self, AwsError> {
         if settings.server_tag.is_empty() {
             settings.server_tag = identity.instance_id.clone();
         }
+        let settings_describe_interval = settings.describe_interval;
         let mut backend = AwsBackend {
             settings,
             identity,
@@ -120,8 +170,14 @@ impl AwsBackend {
             used: AtomicU32::new(0),
             attach_lock: tokio::sync::Mutex::new(()),
             reserved: Mutex::new(BTreeSet::new()),
+            creating: AtomicU32::new(0),
             disk_locks: Mutex::new(HashMap::new()),
             volume_types: Mutex::new(HashMap::new()),
+            api_metrics,
+            clock: Arc::new(SystemClock::default()),
+            snap_cache: tokio::sync::Mutex::new(SnapCache::new(Refresh::new(
+                settings_describe_interval,
+            ))),
         };
         let me = backend.describe_self().await?;
         backend.limit = match backend.settings.attachment_limit {
@@ -149,6 +205,17 @@ impl AwsBackend {
     /// This instance.
     pub fn identity(&self) -> &InstanceIdentity {
         &self.identity
+    }
+
+    /// The request metrics of this backend's clients (the server registers them).
+    pub fn api_metrics(&self) -> &AwsApiMetrics {
+        &self.api_metrics
+    }
+
+    /// Replaces the clock of the describe budget (tests simulate time with a
+    /// [`ManualClock`](crate::ManualClock)).
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
     }
 
     /// The attachment limit from DescribeInstanceTypes: `MaximumEbsAttachments`, less the
@@ -183,14 +250,29 @@ impl AwsBackend {
             .as_ref()
             .and_then(|i| i.attachment_limit_type())
             .is_some_and(|t| t.as_str() == "shared");
-        let extra_enis = network_interfaces.saturating_sub(1);
-        let limit = if shared {
-            (max as u32).saturating_sub(extra_enis).max(1)
-        } else {
-            max as u32
-        };
-        info!(instance_type = %self.identity.instance_type, max, shared, extra_enis, limit, "EBS attachment limit");
+        let limit = attachment_limit(max as u32, shared, network_interfaces);
+        info!(instance_type = %self.identity.instance_type, max, shared, network_interfaces, limit, "EBS attachment limit");
         limit
+    }
+
+    /// CreateTags `slipway:tls-fingerprint = fingerprint` on this instance, so an operator
+    /// reads the fingerprint agents must pin from EC2 (console, `aws ec2 describe-tags`)
+    /// without a shell on the server.
+    pub async fn tag_fingerprint(&self, fingerprint: &str) -> Result<(), AwsError> {
+        self.ec2
+            .create_tags()
+            .resources(&self.identity.instance_id)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key(crate::tags::TLS_FINGERPRINT)
+                    .value(fingerprint)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk("CreateTags", e))?;
+        info!(instance = %self.identity.instance_id, %fingerprint, "published the TLS fingerprint as an instance tag");
+        Ok(())
     }
 
     pub(crate) fn disk_lock(&self, source: &str, disk: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -218,6 +300,10 @@ impl VolumeBackend for AwsBackend {
 
     fn attachment_slots(&self) -> Option<(u32, u32)> {
         Some((self.used.load(Ordering::Relaxed), self.limit))
+    }
+
+    async fn publish_fingerprint(&self, fingerprint: &str) -> Result<(), BackendError> {
+        Ok(self.tag_fingerprint(fingerprint).await?)
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
-use slipway_server::backend::BackendError;
+use slipway_backend::BackendError;
 use thiserror::Error;
 
 /// Error codes that mean "slow down": the SDK retries them itself, so seeing one here means the
@@ -65,6 +65,9 @@ pub enum AwsError {
     /// A settings key has a value that cannot be used.
     #[error("settings key `aws.{key}`: {reason}")]
     Settings { key: String, reason: String },
+    /// Snapshots EC2 refused to delete because an image uses them (`InvalidSnapshot.InUse`).
+    #[error("snapshots {} are in use by an image (a launch registers one from a restore point); the restore point is kept until the image is deregistered", snapshot_ids.join(", "))]
+    SnapshotInUse { snapshot_ids: Vec<String> },
     /// AWS answered something this backend cannot make sense of, or resources are in a state
     /// it will not touch (for example a replica attached to another running instance).
     #[error("{0}")]
@@ -159,6 +162,7 @@ impl From<AwsError> for BackendError {
             | AwsError::Device { .. }
             | AwsError::Settings { .. }
             | AwsError::Conflict(_) => BackendError::Permanent(e.to_string()),
+            AwsError::SnapshotInUse { .. } => BackendError::InUse(e.to_string()),
         }
     }
 }

@@ -37,6 +37,7 @@ pub struct RawAwsSettings {
     pub initial_backoff: Option<String>,
     pub wait_timeout: Option<String>,
     pub poll_interval: Option<String>,
+    pub describe_interval: Option<String>,
 }
 
 /// Validated settings of the AWS backend (defaults in `docs/aws.md`).
@@ -79,6 +80,9 @@ pub struct AwsSettings {
     pub wait_timeout: Duration,
     /// Interval between state polls while waiting.
     pub poll_interval: Duration,
+    /// How often the one DescribeSnapshots that serves every source's restore points is
+    /// repeated at most (doubling, up to 16×, after a failure).
+    pub describe_interval: Duration,
 }
 
 impl Default for AwsSettings {
@@ -101,6 +105,7 @@ impl Default for AwsSettings {
             initial_backoff: Duration::from_millis(500),
             wait_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(2),
+            describe_interval: Duration::from_secs(30),
         }
     }
 }
@@ -229,6 +234,19 @@ impl AwsSettings {
                 "must be above 0 and at most wait_timeout".into(),
             ));
         }
+        let describe_interval = duration(
+            "describe_interval",
+            raw.describe_interval,
+            d.describe_interval,
+        )?;
+        if describe_interval < Duration::from_secs(1)
+            || describe_interval > Duration::from_secs(600)
+        {
+            return Err(bad(
+                "describe_interval",
+                "must be between 1s and 10m".into(),
+            ));
+        }
         Ok(AwsSettings {
             region,
             volume_type_small,
@@ -247,6 +265,7 @@ impl AwsSettings {
             initial_backoff,
             wait_timeout,
             poll_interval,
+            describe_interval,
         })
     }
 

@@ -1,16 +1,24 @@
 //! Restore points as EBS snapshots: create (crash-consistent across the source's volumes where
 //! EC2 allows), list from tags, delete, and the pending-snapshot limits.
+//!
+//! Listing and the pending counts are served from [`SnapCache`]: one DescribeSnapshots of
+//! every restore-point snapshot of this server, repeated at most every `describe_interval`
+//! (see `budget.rs`), kept current between refreshes with what this process created and
+//! deleted. The scheduler asks for every connected source every second; without the cache
+//! that was two DescribeSnapshots per source per second, and ten sources would exhaust the
+//! account's describe bucket.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aws_sdk_ec2::types::{
     CopyTagsFromSource, Filter, InstanceSpecification, ResourceType, Snapshot, Tag,
 };
-use slipway_server::backend::{RemoteRestorePoint, RemoteSnapshot, SnapshotRequest};
+use slipway_backend::{RemoteRestorePoint, RemoteSnapshot, SnapshotRequest};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::backend::AwsBackend;
+use crate::budget::Refresh;
 use crate::error::{is_pending_snapshot_limit, sdk_code, AwsError};
 use crate::tags;
 use crate::volumes::pending_snapshot_limit;
@@ -27,9 +35,26 @@ fn tag_filter(key: &str, value: &str) -> Filter {
     filter(&format!("tag:{key}"), &[value])
 }
 
+/// This server's restore-point snapshots as the last shared DescribeSnapshots saw them, plus
+/// what this process created or deleted since.
+#[derive(Debug)]
+pub(crate) struct SnapCache {
+    snaps: Option<Vec<SnapInfo>>,
+    refresh: Refresh,
+}
+
+impl SnapCache {
+    pub(crate) fn new(refresh: Refresh) -> Self {
+        SnapCache {
+            snaps: None,
+            refresh,
+        }
+    }
+}
+
 /// A snapshot as the backend needs it.
 #[derive(Debug, Clone)]
-struct SnapInfo {
+pub(crate) struct SnapInfo {
     id: String,
     volume_id: String,
     state: String,
@@ -121,30 +146,13 @@ impl AwsBackend {
             return Ok(None);
         }
         let types = self.volume_types_of(volume_ids).await?;
-        let snaps = self
-            .ec2
-            .describe_snapshots()
-            .owner_ids("self")
-            .filters(
-                Filter::builder()
-                    .name("volume-id")
-                    .set_values(Some(volume_ids.to_vec()))
-                    .build(),
-            )
-            .filters(filter("status", &["pending"]))
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(|e| AwsError::from_sdk("DescribeSnapshots", e))?;
+        // Only restore-point snapshots of this server count: others on these volumes are not
+        // expected, and if there are some, EBS refuses the create and `create()` says so.
+        let snaps = self.cached_snapshots().await?;
         let mut pending: HashMap<&str, u32> = HashMap::new();
         for s in &snaps {
-            // Filter again: a stand-in (or a future API change) must not make us skip forever.
-            if s.state().map(|s| s.as_str()) == Some("pending") {
-                *pending
-                    .entry(s.volume_id().unwrap_or_default())
-                    .or_default() += 1;
+            if s.state == "pending" {
+                *pending.entry(s.volume_id.as_str()).or_default() += 1;
             }
         }
         for id in volume_ids {
@@ -191,6 +199,7 @@ impl AwsBackend {
         } else {
             self.create_each(req).await?
         };
+        self.remember_created(req, &snaps).await;
         info!(rp = %req.rp_id, source = %req.source, snapshots = snaps.len(), multi = all_here, "restore point snapshots started");
         Ok(snaps)
     }
@@ -385,12 +394,78 @@ impl AwsBackend {
         }
     }
 
+    async fn forget_snapshot(&self, id: &str) {
+        if let Some(snaps) = self.snap_cache.lock().await.snaps.as_mut() {
+            snaps.retain(|s| s.id != id);
+        }
+    }
+
     /// DeleteSnapshot; a snapshot that is already gone is fine.
     async fn delete_snapshot(&self, id: &str) -> Result<(), AwsError> {
         match self.ec2.delete_snapshot().snapshot_id(id).send().await {
             Ok(_) => Ok(()),
             Err(e) if sdk_code(&e) == Some("InvalidSnapshot.NotFound") => Ok(()),
+            Err(e) if sdk_code(&e) == Some("InvalidSnapshot.InUse") => {
+                Err(AwsError::SnapshotInUse {
+                    snapshot_ids: vec![id.to_string()],
+                })
+            }
             Err(e) => Err(AwsError::from_sdk("DeleteSnapshot", e)),
+        }
+    }
+
+    /// Every restore-point snapshot of this server: the shared cache, refreshed by one
+    /// DescribeSnapshots when `describe_interval` has passed (callers meanwhile wait for it,
+    /// so concurrent callers share one call). A failed refresh backs off and, if an earlier
+    /// answer exists, serves that.
+    pub(crate) async fn cached_snapshots(&self) -> Result<Vec<SnapInfo>, AwsError> {
+        let mut c = self.snap_cache.lock().await;
+        let now = self.clock.now_ms();
+        if c.refresh.due(now) {
+            match self.restore_point_snapshots(vec![]).await {
+                Ok(snaps) => {
+                    c.snaps = Some(snaps);
+                    c.refresh.succeeded(self.clock.now_ms());
+                }
+                Err(e) => {
+                    c.refresh.failed(self.clock.now_ms());
+                    if c.snaps.is_none() {
+                        return Err(e);
+                    }
+                    warn!(error = %e, failures = c.refresh.failures(), "refreshing the restore-point snapshots failed; using the previous answer");
+                }
+            }
+        }
+        match &c.snaps {
+            Some(s) => Ok(s.clone()),
+            None => Err(AwsError::Unavailable {
+                op: "DescribeSnapshots".into(),
+                message: "restore-point snapshots not known yet (the last describe failed; retrying with backoff)".into(),
+            }),
+        }
+    }
+
+    /// Adds snapshots this process just created to the cache (as DescribeSnapshots would show
+    /// them), so listing and pending counts see them before the next refresh.
+    async fn remember_created(&self, req: &SnapshotRequest, made: &[RemoteSnapshot]) {
+        let mut c = self.snap_cache.lock().await;
+        let Some(snaps) = c.snaps.as_mut() else {
+            return;
+        };
+        let base: BTreeMap<String, String> = self.rp_tags(req).into_iter().collect();
+        for m in made {
+            if snaps.iter().any(|s| s.id == m.snapshot_id) {
+                continue;
+            }
+            let mut tags = base.clone();
+            tags.insert(tags::DISK_ID.to_string(), m.disk.clone());
+            snaps.push(SnapInfo {
+                id: m.snapshot_id.clone(),
+                volume_id: m.volume_id.clone(),
+                state: m.state.clone(),
+                tags,
+                start_ns: i128::from(req.created_unix_ms) * 1_000_000,
+            });
         }
     }
 
@@ -420,10 +495,15 @@ impl AwsBackend {
         &self,
         source: Option<&str>,
     ) -> Result<Vec<RemoteRestorePoint>, AwsError> {
-        let extra = source
-            .map(|s| vec![tag_filter(tags::SOURCE_ID, s)])
-            .unwrap_or_default();
-        let snaps = self.restore_point_snapshots(extra).await?;
+        let snaps = self
+            .cached_snapshots()
+            .await?
+            .into_iter()
+            .filter(|s| {
+                source
+                    .is_none_or(|src| s.tags.get(tags::SOURCE_ID).map(String::as_str) == Some(src))
+            })
+            .collect();
         Ok(group_restore_points(snaps))
     }
 
@@ -432,8 +512,44 @@ impl AwsBackend {
         let snaps = self
             .restore_point_snapshots(vec![tag_filter(tags::RESTORE_POINT, rp_id)])
             .await?;
+        // Every snapshot is tried: one an image uses is kept (EC2 refuses it), the others go,
+        // and the restore point is reported in use so its manifest stays and the prune is
+        // retried later.
+        let mut in_use = Vec::new();
         for s in &snaps {
-            self.delete_snapshot(&s.id).await?;
+            match self.delete_snapshot(&s.id).await {
+                Ok(()) => self.forget_snapshot(&s.id).await,
+                Err(AwsError::SnapshotInUse { snapshot_ids }) => in_use.extend(snapshot_ids),
+                Err(e) => return Err(e),
+            }
+        }
+        // Also what the cache holds under this id (a snapshot the describe did not show yet).
+        let cached: Vec<String> = self
+            .snap_cache
+            .lock()
+            .await
+            .snaps
+            .iter()
+            .flatten()
+            .filter(|s| s.tags.get(tags::RESTORE_POINT).map(String::as_str) == Some(rp_id))
+            .map(|s| s.id.clone())
+            .collect();
+        let cached: Vec<String> = cached
+            .into_iter()
+            .filter(|id| !in_use.contains(id))
+            .collect();
+        for id in cached {
+            match self.delete_snapshot(&id).await {
+                Ok(()) => self.forget_snapshot(&id).await,
+                Err(AwsError::SnapshotInUse { snapshot_ids }) => in_use.extend(snapshot_ids),
+                Err(e) => return Err(e),
+            }
+        }
+        if !in_use.is_empty() {
+            info!(rp = rp_id, snapshots = ?in_use, "restore point in use by an image; kept for now");
+            return Err(AwsError::SnapshotInUse {
+                snapshot_ids: in_use,
+            });
         }
         info!(rp = rp_id, snapshots = snaps.len(), "restore point deleted");
         Ok(())

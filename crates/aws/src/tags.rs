@@ -1,7 +1,9 @@
 //! The tags Slipway puts on EBS volumes and snapshots, the only state it keeps in AWS.
 //!
 //! Volumes: [`SOURCE_ID`], [`DISK_ID`], [`ROLE`]` = `[`ROLE_REPLICA`], [`SERVER`] and the
-//! user's tags. Snapshots: the volume's tags (copied by CreateSnapshots, set explicitly by
+//! user's tags. A server's identity volume (its data dir, `crate::identity_volume`):
+//! [`ROLE`]` = `[`ROLE_IDENTITY`], [`TEMPLATE`], [`SERVER_INDEX`], [`SERVER`]. The server's
+//! instance: [`TLS_FINGERPRINT`], set by the server itself at start. Snapshots: the volume's tags (copied by CreateSnapshots, set explicitly by
 //! CreateSnapshot) plus [`RESTORE_POINT`], [`MARKER`], [`CREATED_MS`], [`TRIGGER`].
 
 use std::collections::BTreeMap;
@@ -16,6 +18,15 @@ pub const DISK_ID: &str = "slipway:disk-id";
 pub const ROLE: &str = "slipway:role";
 /// Value of [`ROLE`] on replica volumes.
 pub const ROLE_REPLICA: &str = "replica";
+/// Value of [`ROLE`] on a server's identity volume (its data dir: TLS identity, token secret,
+/// disk metadata), which follows the server across replacements.
+pub const ROLE_IDENTITY: &str = "identity";
+/// The replication template a server instance (and its identity volume) belongs to.
+pub const TEMPLATE: &str = "slipway:template";
+/// The server's index within its template (instance and identity volume).
+pub const SERVER_INDEX: &str = "slipway:server-index";
+/// On the server's instance: the SHA-256 fingerprint of its TLS certificate, which agents pin.
+pub const TLS_FINGERPRINT: &str = "slipway:tls-fingerprint";
 /// Identifies the replication server (settings `aws.server_tag`, default the instance id).
 pub const SERVER: &str = "slipway:server";
 /// Restore point id a snapshot belongs to.

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Volume, VolumeType};
 use aws_smithy_types::DateTime;
-use slipway_server::backend::{VolumeHandle, VolumeRequest};
+use slipway_backend::{VolumeHandle, VolumeRequest};
 use tracing::{debug, info, warn};
 
 use crate::backend::AwsBackend;
@@ -50,12 +50,21 @@ pub fn device_names() -> impl Iterator<Item = String> {
 
 /// The device a name refers to: `/dev/xvdf` and `/dev/sdf` are the same slot, `/dev/sda1` is
 /// `sda`.
-pub(crate) fn device_key(name: &str) -> String {
+pub fn device_key(name: &str) -> String {
     let n = name.strip_prefix("/dev/").unwrap_or(name);
     let n = n.trim_end_matches(|c: char| c.is_ascii_digit());
     match n.strip_prefix("xvd") {
         Some(rest) if rest.len() == 1 => format!("sd{rest}"),
         _ => n.to_string(),
+    }
+}
+
+/// A slot taken for a volume being created; given back when dropped.
+struct HeldSlot<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for HeldSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -118,7 +127,7 @@ impl VolInfo {
         ))
     }
 
-    fn usable(&self) -> bool {
+    pub(crate) fn usable(&self) -> bool {
         !matches!(self.state.as_str(), "deleting" | "deleted" | "error")
     }
 }
@@ -130,6 +139,9 @@ pub(crate) struct SelfInfo {
     pub mappings: Vec<(String, String)>,
     pub root_device: Option<String>,
     pub network_interfaces: u32,
+    /// The instance's tags (`slipway:template`, `slipway:server-index` find its identity
+    /// volume).
+    pub tags: BTreeMap<String, String>,
 }
 
 /// One step of a wait loop.
@@ -139,7 +151,7 @@ pub(crate) enum Step<T> {
     Fail(AwsError),
 }
 
-fn filter(name: &str, values: &[&str]) -> Filter {
+pub(crate) fn filter(name: &str, values: &[&str]) -> Filter {
     let mut b = Filter::builder().name(name);
     for v in values {
         b = b.values(*v);
@@ -250,6 +262,7 @@ impl AwsBackend {
                 .collect(),
             root_device: inst.root_device_name().map(str::to_string),
             network_interfaces: inst.network_interfaces().len().max(1) as u32,
+            tags: tags::to_map(inst.tags()),
         })
     }
 
@@ -385,7 +398,12 @@ impl AwsBackend {
 
     /// Makes sure `vol` is attached to this instance, detaching it from a stopped previous
     /// server first. Returns the volume as it is once attached.
-    pub(crate) async fn attach_here(&self, vol: VolInfo) -> Result<VolInfo, AwsError> {
+    /// `own_slot`: the caller holds a slot for this volume (it just created it).
+    pub(crate) async fn attach_here(
+        &self,
+        vol: VolInfo,
+        own_slot: bool,
+    ) -> Result<VolInfo, AwsError> {
         let me = self.identity.instance_id.clone();
         let id = vol.id.clone();
         let mut vol = vol;
@@ -426,7 +444,7 @@ impl AwsBackend {
             }
             match vol.state.as_str() {
                 "available" => {
-                    self.attach_available(&id).await?;
+                    self.attach_available(&id, own_slot).await?;
                     return self.wait_attached(&id).await;
                 }
                 "creating" | "in-use" => {
@@ -498,16 +516,18 @@ impl AwsBackend {
         }
         let in_flight = reserved.iter().filter(|d| !taken.contains(*d)).count();
         taken.extend(reserved);
-        let used = (me.mappings.len() + in_flight) as u32;
+        let used = (me.mappings.len() + in_flight) as u32 + self.creating.load(Ordering::SeqCst);
         self.used.store(used, Ordering::Relaxed);
         (used, taken)
     }
 
     /// Chooses a free device name and calls AttachVolume.
-    async fn attach_available(&self, id: &str) -> Result<(), AwsError> {
+    async fn attach_available(&self, id: &str, own_slot: bool) -> Result<(), AwsError> {
         let _g = self.attach_lock.lock().await;
         let me = self.describe_self().await?;
         let (used, taken) = self.slots_in_use(&me);
+        // The slot held for this volume since before its creation is the one it takes.
+        let used = used - u32::from(own_slot && used > 0);
         if used >= self.limit {
             return Err(AwsError::NoAttachmentSlot {
                 used,
@@ -572,7 +592,7 @@ impl AwsBackend {
     }
 
     /// Polls the device resolver until the volume's block device shows up.
-    async fn resolve_device(&self, vol: &VolInfo) -> Result<PathBuf, AwsError> {
+    pub(crate) async fn resolve_device(&self, vol: &VolInfo) -> Result<PathBuf, AwsError> {
         let started = Instant::now();
         let size = vol.size_gib * GIB;
         loop {
@@ -608,19 +628,38 @@ impl AwsBackend {
                 (v, false)
             }
             None => {
-                // Never create a volume that cannot be attached.
-                let me = self.describe_self().await?;
-                let (used, _) = self.slots_in_use(&me);
-                if used >= self.limit {
-                    return Err(AwsError::NoAttachmentSlot {
-                        used,
-                        limit: self.limit,
-                    });
+                // Never create a volume that cannot be attached: the slot is checked and
+                // taken under the attach lock, so two disks opened at once cannot both count
+                // the last free slot, and held until this volume's attachment is requested.
+                {
+                    let _a = self.attach_lock.lock().await;
+                    let me = self.describe_self().await?;
+                    let (used, _) = self.slots_in_use(&me);
+                    if used >= self.limit {
+                        return Err(AwsError::NoAttachmentSlot {
+                            used,
+                            limit: self.limit,
+                        });
+                    }
+                    self.creating.fetch_add(1, Ordering::SeqCst);
                 }
-                (self.create_replica(req).await?, true)
+                let slot = HeldSlot(&self.creating);
+                let made = self.create_replica(req).await;
+                match made {
+                    Ok(v) => {
+                        let attached = self.attach_here(v, true).await;
+                        drop(slot);
+                        (attached?, true)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
-        let vol = self.attach_here(vol).await?;
+        let vol = if created {
+            vol
+        } else {
+            self.attach_here(vol, false).await?
+        };
         let path = self.resolve_device(&vol).await?;
         Ok(VolumeHandle {
             source: req.source.clone(),
@@ -675,12 +714,25 @@ impl AwsBackend {
                 }
             }
         }
+        // Volume by volume: one that cannot be adopted (held by a running server, a device
+        // that does not show up) is reported and left out, and the others serve. Its disk
+        // tries again, with the same error if it persists, when its agent opens it.
         let mut handles = Vec::with_capacity(by_disk.len());
         for ((source, disk), v) in by_disk {
             let lock = self.disk_lock(&source, &disk);
             let _g = lock.lock().await;
-            let v = self.attach_here(v).await?;
-            let path = self.resolve_device(&v).await?;
+            let id = v.id.clone();
+            let adopted = match self.attach_here(v, false).await {
+                Ok(v) => self.resolve_device(&v).await.map(|p| (v, p)),
+                Err(e) => Err(e),
+            };
+            let (v, path) = match adopted {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(%source, %disk, volume = %id, error = %e, "replica volume not adopted; the other disks serve, this one is tried again when its agent opens it");
+                    continue;
+                }
+            };
             info!(%source, %disk, volume = %v.id, path = %path.display(), "adopted replica volume");
             handles.push(VolumeHandle {
                 source,

@@ -1362,7 +1362,7 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "    cargo build --release -p slipway --bins && cargo build --release -p slipway-bench"
+        "    cargo build --release -p slipway -p slipway-agent -p slipway-bench"
     );
     let _ = writeln!(s, "    {}", bench_cmdline());
     for c in cmds {

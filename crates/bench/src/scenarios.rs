@@ -1625,6 +1625,168 @@ pub fn s3_many_agents(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// One load-generator run: `n` connections of `per` bytes each against a fresh server.
+struct LoadPoint {
+    rate: f64,
+    cpu_per_gib: f64,
+    hwm_mib: f64,
+}
+
+fn load_point(ctx: &mut Ctx, n: usize, per: u64) -> Result<LoadPoint> {
+    let dir = ctx.fresh_dir(&format!("s3-loadgen-{n}"))?;
+    let result = (|| -> Result<LoadPoint> {
+        let data = dir.join("var");
+        let mut lines = String::new();
+        for i in 0..n {
+            let source = format!("lg{i:03}");
+            let tok = slipway::token(&ctx.bins, &data, &source)?;
+            lines.push_str(&format!("{source} {tok}\n"));
+        }
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, lines)?;
+        let mut server = Server::start(&ctx.bins, &data, "127.0.0.1:0", None, None)?;
+        let cpu0 = server.cpu()?;
+        let out = util::run_out(
+            Command::new(&ctx.self_exe)
+                .arg("loadgen")
+                .args(["--server", &server.listen])
+                .args(["--fingerprint", &server.fingerprint])
+                .arg("--tokens")
+                .arg(&tokens)
+                .args(["--size", &per.to_string()]),
+        )?;
+        let cpu = server.cpu()? - cpu0;
+        let hwm = util::proc_status_kb(server.pid(), "VmHWM")? as f64 / MIB as f64;
+        server.stop();
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or(""))
+            .with_context(|| format!("loadgen said {out:?}"))?;
+        let bytes = v["bytes"].as_f64().unwrap_or(0.0);
+        let wall = v["wall_s"].as_f64().unwrap_or(f64::NAN);
+        if bytes != (n as u64 * per) as f64 {
+            bail!("loadgen wrote {bytes} bytes, not {}", n as u64 * per);
+        }
+        Ok(LoadPoint {
+            rate: bytes / wall,
+            cpu_per_gib: cpu / (bytes / GIB),
+            hwm_mib: hwm,
+        })
+    })();
+    util::remove(&dir);
+    result
+}
+
+/// The server's own cost per connection, measured with the load generator (`slipway-bench
+/// loadgen`: many connections in one cheap process) at 1, 10, 100 and 200 connections: the
+/// curve of rate, CPU per GiB and peak RSS, and the two ratios issue 13 sets targets for.
+pub fn loadgen_curve(ctx: &mut Ctx) -> Result<()> {
+    let per: u64 = if ctx.quick { 8 * MIB } else { 32 * MIB };
+    let one_size: u64 = if ctx.quick { 256 * MIB } else { GIB as u64 };
+    let points: &[usize] = if ctx.quick {
+        &[1, 10, 50]
+    } else {
+        &[1, 10, 100, 200]
+    };
+    let mut rows = vec![];
+    for &n in points {
+        if !ctx.fits(Duration::from_secs(120)) {
+            ctx.report.note(
+                "3",
+                format!("load generator: stopped before {n} connections (time budget)"),
+            );
+            break;
+        }
+        let size = if n == 1 { one_size } else { per };
+        match load_point(ctx, n, size) {
+            Ok(p) => {
+                eprintln!(
+                    "   loadgen {n:>3} connections × {}: {:.0} MB/s, server {:.2} CPU-s/GiB, HWM {:.0} MiB",
+                    human(size as f64),
+                    p.rate / 1e6,
+                    p.cpu_per_gib,
+                    p.hwm_mib
+                );
+                rows.push((n, size, p));
+            }
+            Err(e) => {
+                eprintln!("   loadgen {n} failed: {e:#}");
+                ctx.report.note(
+                    "3",
+                    format!(
+                        "load generator at {n} connections failed: {}",
+                        crate::one_paragraph(&format!("{e:#}"))
+                    ),
+                );
+            }
+        }
+    }
+    let rep = &mut ctx.report;
+    for (n, size, p) in &rows {
+        rep.raw(
+            "3",
+            &format!(
+                "loadgen {n} connections × {}: aggregate rate",
+                human(*size as f64)
+            ),
+            stat(&[p.rate / 1e6]),
+            "MB/s",
+            0,
+        );
+        rep.raw(
+            "3",
+            &format!("loadgen {n} connections: server CPU per GiB"),
+            stat(&[p.cpu_per_gib]),
+            "CPU-s/GiB",
+            2,
+        );
+        rep.raw(
+            "3",
+            &format!("loadgen {n} connections: server peak RSS"),
+            stat(&[p.hwm_mib]),
+            "MiB",
+            0,
+        );
+    }
+    let at = |n: usize| rows.iter().find(|r| r.0 == n).map(|r| &r.2);
+    let big = if ctx.quick { 50 } else { 100 };
+    if let (Some(one), Some(many)) = (at(1), at(big)) {
+        let ratio = many.rate / one.rate;
+        rep.target(
+            "3",
+            &format!(
+                "load generator: {big} connections' aggregate rate ÷ one connection's (same run)"
+            ),
+            format!("{:.0}%", ratio * 100.0),
+            "≥ 90%",
+            verdict_ge(stat(&[ratio]), 0.9, "see notes"),
+        );
+        let cpu = many.cpu_per_gib / one.cpu_per_gib;
+        rep.target(
+            "3",
+            &format!("load generator: server CPU-s per GiB at {big} connections ÷ at one"),
+            format!(
+                "{:.2} / {:.2} = {:.2}×",
+                many.cpu_per_gib, one.cpu_per_gib, cpu
+            ),
+            "≤ 1.3×",
+            verdict_le(stat(&[cpu]), 1.3, "see notes"),
+        );
+    }
+    rep.note(
+        "3",
+        format!(
+            "Load generator: `slipway-bench loadgen` opens every connection from one process \
+             (one QUIC endpoint, 2 runtime threads), each with its own source id and token, \
+             opens one fresh disk and sends {} (one connection: {}) of 1 MiB writes of one \
+             shared incompressible payload, at most 64 MiB unacked, and waits for the last \
+             ack; its own CPU is a small fraction of the server's. Wall = first connection to \
+             last ack; server CPU = utime+stime over the same span; a fresh server per point.",
+            human(per as f64),
+            human(one_size as f64)
+        ),
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------- scenario 4: continuous
 
 pub fn s4_continuous(ctx: &mut Ctx) -> Result<()> {

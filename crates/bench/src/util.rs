@@ -492,15 +492,13 @@ pub fn which(prog: &str) -> Option<PathBuf> {
     })
 }
 
-/// Bytes as GiB/MiB with one decimal.
+/// Bytes for the report: indicatif's `HumanBytes`, the agent's and the CLI's formatter too,
+/// signed (differences can be negative).
 pub fn human(b: f64) -> String {
-    if b >= GIB {
-        format!("{:.2} GiB", b / GIB)
-    } else if b >= MIB as f64 {
-        format!("{:.1} MiB", b / MIB as f64)
-    } else if b >= 1024.0 {
-        format!("{:.1} KiB", b / 1024.0)
+    let s = indicatif::HumanBytes(b.abs() as u64).to_string();
+    if b < 0.0 {
+        format!("-{s}")
     } else {
-        format!("{b:.0} B")
+        s
     }
 }

@@ -37,6 +37,21 @@ pub enum FleetError {
     /// What the request names does not exist (a restore point, a source, a launch section).
     #[error("{0}")]
     NotFound(String),
+    /// The launch conversion refused the restore point's disks (unknown distribution,
+    /// encrypted or LVM root, …) or failed converting them; no image was registered.
+    #[error("launch conversion of restore point {restore_point}: {source}")]
+    Conversion {
+        restore_point: String,
+        #[source]
+        source: slipway_convert::ConvertError,
+    },
+    /// The launch was interrupted (SIGINT/SIGTERM); the conversion's volumes were deleted.
+    #[error("interrupted: the launch stopped and deleted the volumes its conversion had made")]
+    Interrupted,
+    /// The instance that should run the launch conversion cannot (unknown, not running, not
+    /// this instance).
+    #[error("{0}")]
+    ConversionHost(String),
 }
 
 impl FleetError {

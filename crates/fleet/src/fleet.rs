@@ -4,29 +4,39 @@
 //! `slipway:role = replication-server`, `slipway:server-index`, `slipway:server` (the tag of
 //! its volumes), `slipway:settings-sha256` (of its user data) and `slipway:sources.N` (the
 //! sources assigned to it, `id=disks,…` in chunks of at most 256 characters).
+//!
+//! Each server also has an identity volume (`slipway:role = identity` with the same
+//! `slipway:template` and `slipway:server-index`): its data dir — TLS identity, token secret,
+//! disk metadata — on a small encrypted EBS volume of its own. `apply` creates it before
+//! the server's first launch and attaches it to every instance that is that server (first
+//! launch, replacement, relaunch after a loss), so agents keep the fingerprint they pin, their
+//! tokens and their disks' positions (`slipway_aws::identity_volume`).
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
 use aws_sdk_ec2::types::{
     AttributeValue, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceType,
-    ResourceType, SecureBlobAttributeValue, Tag, TagSpecification,
+    ResourceType, SecureBlobAttributeValue, Tag, TagSpecification, VolumeType,
 };
+use aws_smithy_runtime_api::client::waiters::error::WaiterError;
 use aws_smithy_types::Blob;
 use slipway_aws::tags as aws_tags;
 use tracing::{info, warn};
 
 use crate::error::{sdk_code, FleetError};
 use crate::planner::{self, Capacity, CurrentServer, Plan, SourceDemand};
+use crate::probe::{MetricsProbe, SettingsProbe};
 use crate::template::Template;
 
-/// Tag: the template an instance belongs to.
-pub const TEMPLATE: &str = "slipway:template";
-/// Tag: the server's index within its template.
-pub const SERVER_INDEX: &str = "slipway:server-index";
+/// Tag: the template an instance (and its identity volume) belongs to.
+pub const TEMPLATE: &str = aws_tags::TEMPLATE;
+/// Tag: the server's index within its template (instance and identity volume).
+pub const SERVER_INDEX: &str = aws_tags::SERVER_INDEX;
 /// Value of `slipway:role` on replication servers (the IAM policy keys on it).
 pub const ROLE_SERVER: &str = "replication-server";
 /// Tag: SHA-256 prefix of the server's user data.
@@ -42,6 +52,8 @@ pub struct Fleet {
     pub poll_interval: Duration,
     /// Bound on each wait for an instance or volume state.
     pub wait_timeout: Duration,
+    /// Asks running servers which settings they run with (`None`: trust the tag alone).
+    pub settings_probe: Option<Arc<dyn SettingsProbe>>,
 }
 
 /// A replication server as EC2 shows it.
@@ -56,7 +68,11 @@ pub struct ServerState {
     pub security_groups: Vec<String>,
     pub private_ip: Option<String>,
     pub public_ip: Option<String>,
+    /// The `slipway:settings-sha256` tag: what apply last wrote into the user data.
     pub settings_hash: Option<String>,
+    /// The fingerprint the running server reports (`slipway_settings_info`), when `apply`
+    /// could read it.
+    pub running_settings: Option<String>,
     pub sources: Vec<SourceDemand>,
     pub tags: BTreeMap<String, String>,
 }
@@ -373,7 +389,11 @@ pub fn drift(t: &Template, s: &ServerState) -> Drift {
     if s.instance_type != t.instance_type {
         d.instance_type = Some((s.instance_type.clone(), t.instance_type.clone()));
     }
-    if s.settings_hash.as_deref() != Some(t.settings_hash(s.index).as_str()) {
+    let want = t.settings_hash(s.index);
+    // The tag only says what was written; what the server reports is what it applied.
+    if s.settings_hash.as_deref() != Some(want.as_str())
+        || s.running_settings.as_deref().is_some_and(|r| r != want)
+    {
         d.settings = true;
     }
     let mut have = s.security_groups.clone();
@@ -382,6 +402,12 @@ pub fn drift(t: &Template, s: &ServerState) -> Drift {
     want.sort();
     d.security_groups = have != want;
     d
+}
+
+/// Tags the server sets on its own instance (its TLS fingerprint, published at start): the
+/// fleet neither compares nor removes them.
+fn server_owned(key: &str) -> bool {
+    key == aws_tags::TLS_FINGERPRINT
 }
 
 /// The tags a server instance carries (sources excluded).
@@ -414,6 +440,17 @@ impl Fleet {
             ec2: aws_sdk_ec2::Client::new(sdk),
             poll_interval: Duration::from_secs(2),
             wait_timeout: Duration::from_secs(600),
+            settings_probe: Some(Arc::new(MetricsProbe::default())),
+        }
+    }
+
+    /// EC2 through an existing client (tests give it the SDK's mock client).
+    pub fn with_client(ec2: aws_sdk_ec2::Client) -> Fleet {
+        Fleet {
+            ec2,
+            poll_interval: Duration::from_secs(2),
+            wait_timeout: Duration::from_secs(600),
+            settings_probe: None,
         }
     }
 
@@ -476,6 +513,7 @@ impl Fleet {
                     private_ip: i.private_ip_address().map(str::to_string),
                     public_ip: i.public_ip_address().map(str::to_string),
                     settings_hash: tags.get(SETTINGS_SHA).cloned(),
+                    running_settings: None,
                     sources: decode_sources(&tags),
                     tags,
                 });
@@ -483,6 +521,35 @@ impl Fleet {
         }
         out.sort_by_key(|s| s.index);
         Ok(out)
+    }
+
+    /// Fills each running server's `running_settings` from the probe; a server that does not
+    /// answer is judged by its tag, with a warning.
+    async fn probe_settings(
+        &self,
+        t: &Template,
+        current: &mut [ServerState],
+        warnings: &mut Vec<String>,
+    ) {
+        let Some(probe) = &self.settings_probe else {
+            return;
+        };
+        for s in current.iter_mut().filter(|s| s.state == "running") {
+            s.running_settings = probe.running_settings(t, s).await;
+            match &s.running_settings {
+                None => warnings.push(format!(
+                    "server {} ({}): could not read the settings it runs with from its metrics endpoint (port {}); judged by its {SETTINGS_SHA} tag only",
+                    s.index, s.instance_id, t.metrics_port
+                )),
+                Some(r) if Some(r) != s.settings_hash.as_ref() => warn!(
+                    instance = %s.instance_id,
+                    running = %r,
+                    tag = ?s.settings_hash,
+                    "the server runs with other settings than its tag says"
+                ),
+                Some(_) => {}
+            }
+        }
     }
 
     /// The assignment plan for the template given what runs now.
@@ -628,6 +695,7 @@ impl Fleet {
                 current = self.servers(t).await?;
             }
         }
+        self.probe_settings(t, &mut current, &mut warnings).await;
         let lost = self.lost_servers(t, &current).await?;
         for l in &lost {
             warnings.push(format!(
@@ -748,7 +816,7 @@ impl Fleet {
     }
 
     /// Fails if the instance type cannot attach `max_disks_per_server` volumes besides its root
-    /// volume, when DescribeInstanceTypes says how many it can.
+    /// and identity volumes, when DescribeInstanceTypes says how many it can.
     async fn check_capacity(&self, t: &Template) -> Result<(), FleetError> {
         let out = match self
             .ec2
@@ -790,7 +858,7 @@ impl Fleet {
                 file: t.file.display().to_string(),
                 key: if t.dedicated { "sources" } else { "max_disks_per_server" }.into(),
                 reason: format!(
-                    "{need} disks per server, but {} can attach only {limit} volumes besides its root volume",
+                    "{need} disks per server, but {} can attach only {limit} volumes besides its root and identity volumes",
                     t.instance_type
                 ),
             });
@@ -883,7 +951,11 @@ impl Fleet {
                 let have: BTreeMap<String, String> = c
                     .tags
                     .iter()
-                    .filter(|(k, _)| !k.starts_with(SOURCES_PREFIX) && k.as_str() != SETTINGS_SHA)
+                    .filter(|(k, _)| {
+                        !k.starts_with(SOURCES_PREFIX)
+                            && k.as_str() != SETTINGS_SHA
+                            && !server_owned(k)
+                    })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 let mut want_cmp = want_tags.clone();
@@ -974,6 +1046,9 @@ impl Fleet {
             "Name".into(),
             format!("slipway-{}-root", t.server_tag(index)),
         );
+        // The server's data dir (TLS identity, token secret, disk metadata) lives on its
+        // identity volume, which exists before the instance does: its boot finds it by tag.
+        let identity = self.ensure_identity_volume(t, index).await?;
         let user_data = aws_smithy_types::base64::encode(t.server_settings(index));
         let mut call = self
             .ec2
@@ -1019,7 +1094,170 @@ impl Fleet {
             .to_string();
         info!(template = %t.name, index, instance = %id, "launched replication server");
         self.wait_instance(&id, "running").await?;
+        self.attach_identity(&identity, &id).await?;
         self.server_by_id(t, &id).await
+    }
+
+    /// The identity volume of server `index` (tagged `slipway:role = identity`,
+    /// `slipway:template`, `slipway:server-index`): the existing one — so a relaunched or
+    /// replacement server keeps the identity its agents know — or, for a server that never
+    /// had one, a new encrypted 1 GiB gp3 volume in the staging subnet's zone. Of several
+    /// (an apply interrupted between two creates), the oldest, as the server picks it.
+    async fn ensure_identity_volume(&self, t: &Template, index: u32) -> Result<String, FleetError> {
+        let index_s = index.to_string();
+        let vols = self
+            .ec2
+            .describe_volumes()
+            .filters(filter(
+                &format!("tag:{}", aws_tags::ROLE),
+                &[aws_tags::ROLE_IDENTITY],
+            ))
+            .filters(filter(&format!("tag:{}", aws_tags::TEMPLATE), &[&t.name]))
+            .filters(filter(
+                &format!("tag:{}", aws_tags::SERVER_INDEX),
+                &[&index_s],
+            ))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| FleetError::sdk("DescribeVolumes", e))?;
+        let mut usable: Vec<_> = vols
+            .iter()
+            .filter(|v| {
+                !matches!(
+                    v.state().map(|s| s.as_str()),
+                    Some("deleting" | "deleted" | "error")
+                )
+            })
+            .filter_map(|v| {
+                Some((
+                    v.create_time().map(|t| t.as_nanos()),
+                    v.volume_id()?.to_string(),
+                ))
+            })
+            .collect();
+        usable.sort();
+        if let Some((_, id)) = usable.into_iter().next() {
+            info!(template = %t.name, index, volume = %id, "server keeps its identity volume");
+            return Ok(id);
+        }
+        let zone = self.subnet_zone(&t.staging_subnet).await?;
+        let mut tags = t.tags.clone();
+        tags.insert(
+            "Name".into(),
+            format!("slipway-{}-identity", t.server_tag(index)),
+        );
+        tags.insert(aws_tags::ROLE.into(), aws_tags::ROLE_IDENTITY.into());
+        tags.insert(aws_tags::TEMPLATE.into(), t.name.clone());
+        tags.insert(aws_tags::SERVER_INDEX.into(), index_s);
+        tags.insert(aws_tags::SERVER.into(), t.server_tag(index));
+        let out = self
+            .ec2
+            .create_volume()
+            .availability_zone(&zone)
+            .size(slipway_aws::identity_volume::IDENTITY_VOLUME_GIB)
+            .volume_type(VolumeType::Gp3)
+            .encrypted(true)
+            .set_kms_key_id(t.aws.kms_key_id.clone())
+            .tag_specifications(tag_spec(ResourceType::Volume, &tags))
+            .send()
+            .await
+            .map_err(|e| FleetError::sdk("CreateVolume", e))?;
+        let id = out
+            .volume_id()
+            .ok_or_else(|| FleetError::Conflict("CreateVolume returned no volume id".into()))?
+            .to_string();
+        info!(template = %t.name, index, volume = %id, %zone, "created the server's identity volume");
+        self.wait_volume(&id, "available", |s, _| s == "available")
+            .await?;
+        Ok(id)
+    }
+
+    /// The availability zone of a subnet.
+    async fn subnet_zone(&self, subnet: &str) -> Result<String, FleetError> {
+        let out = self
+            .ec2
+            .describe_subnets()
+            .subnet_ids(subnet)
+            .send()
+            .await
+            .map_err(|e| FleetError::sdk("DescribeSubnets", e))?;
+        out.subnets()
+            .first()
+            .and_then(|s| s.availability_zone())
+            .map(str::to_string)
+            .ok_or_else(|| FleetError::NotFound(format!("subnet {subnet} not found")))
+    }
+
+    /// Attaches the identity volume to `instance` on a free device name, unless it is there
+    /// already (the server's boot attaches it by tag too, whichever comes first). Detaches it
+    /// from a stopped or terminated previous server; refuses while another server runs with
+    /// it.
+    async fn attach_identity(&self, volume: &str, instance: &str) -> Result<(), FleetError> {
+        let want = format!("{instance}:attached");
+        for _ in 0..3 {
+            let (_, att) = self.volume_state(volume).await?;
+            if att.iter().any(|a| a.starts_with(&format!("{instance}:"))) {
+                return self
+                    .wait_volume(volume, "attached", |_, a| a.contains(&want))
+                    .await;
+            }
+            if let Some(other) = att.first().and_then(|a| a.split(':').next()) {
+                match self.instance_state(other).await?.as_str() {
+                    "stopped" | "terminated" => self.detach(volume, other).await?,
+                    state => {
+                        return Err(FleetError::Conflict(format!(
+                            "identity volume {volume} is attached to instance {other}, which is {state}: two servers must not share one identity"
+                        )))
+                    }
+                }
+            }
+            // The last free name, not the first: a replacement reattaches replicas under the
+            // names they had (a server from before identity volumes has one at /dev/sdf), and
+            // the server picks replica names from the start of the list.
+            let taken = self.devices_of(instance).await?;
+            let device = slipway_aws::device_names()
+                .filter(|n| !taken.iter().any(|t| same_device(t, n)))
+                .last()
+                .ok_or_else(|| {
+                    FleetError::Conflict(format!("no free device name on {instance}"))
+                })?;
+            match self.attach(volume, instance, &device).await {
+                Ok(()) => {
+                    info!(volume, instance, %device, "identity volume attached");
+                    return Ok(());
+                }
+                // The server attached it meanwhile (or took the device name): look again.
+                Err(e) => {
+                    warn!(volume, instance, error = %e, "attaching the identity volume; looking again")
+                }
+            }
+        }
+        Err(FleetError::Conflict(format!(
+            "could not attach identity volume {volume} to {instance}"
+        )))
+    }
+
+    /// The identity volume attached to an instance, if any.
+    async fn identity_on(&self, id: &str) -> Result<Option<String>, FleetError> {
+        let vols = self
+            .ec2
+            .describe_volumes()
+            .filters(filter("attachment.instance-id", &[id]))
+            .filters(filter(
+                &format!("tag:{}", aws_tags::ROLE),
+                &[aws_tags::ROLE_IDENTITY],
+            ))
+            .send()
+            .await
+            .map_err(|e| FleetError::sdk("DescribeVolumes", e))?;
+        Ok(vols
+            .volumes()
+            .first()
+            .and_then(|v| v.volume_id())
+            .map(str::to_string))
     }
 
     /// RunInstances; with a fixed private IP, retried while EC2 still holds the address
@@ -1071,22 +1309,75 @@ impl Fleet {
         }
     }
 
-    /// Polls until the instance reaches `want`.
+    /// Waits until the instance reaches `want` (`running`, `stopped` or `terminated`) with the
+    /// SDK's waiters: EC2's own acceptors (e.g. `running` fails on `shutting-down`, `stopping`
+    /// or `terminated`) and backoff (15 s to 2 min between describes, after a first one at
+    /// once), bounded by `wait_timeout`. Instances take tens of seconds to change state, so the
+    /// waiters' floor costs little here and spares the account's describe budget.
     pub(crate) async fn wait_instance(&self, id: &str, want: &str) -> Result<(), FleetError> {
+        use aws_sdk_ec2::client::Waiters;
+        let bound = self.wait_timeout;
+        let r = match want {
+            "running" => self
+                .ec2
+                .wait_until_instance_running()
+                .instance_ids(id)
+                .wait(bound)
+                .await
+                .map(drop),
+            "stopped" => self
+                .ec2
+                .wait_until_instance_stopped()
+                .instance_ids(id)
+                .wait(bound)
+                .await
+                .map(drop),
+            // EC2's InstanceTerminated waiter fails on `pending` and `stopping`, but a
+            // terminate of a just-launched or stopping instance does end in `terminated`
+            // (a cutover terminating a test instance still booting): poll for that one.
+            "terminated" => return self.poll_terminated(id).await,
+            other => {
+                return Err(FleetError::Conflict(format!(
+                "cannot wait for instance {id} to be {other:?} (only running, stopped, terminated)"
+            )))
+            }
+        };
+        r.map_err(|e| match e {
+            WaiterError::ExceededMaxWait(_) => FleetError::Timeout {
+                what: format!("instance {id} to be {want}"),
+                after: bound,
+            },
+            WaiterError::FailureState(f) => {
+                let state = match f.final_poll().as_result() {
+                    Ok(out) => out
+                        .reservations()
+                        .iter()
+                        .flat_map(|r| r.instances())
+                        .find_map(|i| i.state().and_then(|s| s.name()))
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_else(|| "gone".into()),
+                    Err(e) => e.to_string(),
+                };
+                FleetError::Conflict(format!("instance {id} is {state} while waiting for {want}"))
+            }
+            e => FleetError::Conflict(format!(
+                "waiting for instance {id} to be {want}: {}",
+                aws_smithy_types::error::display::DisplayErrorContext(&e)
+            )),
+        })
+    }
+
+    /// Polls until the instance is terminated (or gone), every `poll_interval`.
+    async fn poll_terminated(&self, id: &str) -> Result<(), FleetError> {
         let started = Instant::now();
         loop {
             let state = self.instance_state(id).await?;
-            if state == want {
+            if state == "terminated" {
                 return Ok(());
-            }
-            if state == "terminated" || (want == "running" && state == "stopped") {
-                return Err(FleetError::Conflict(format!(
-                    "instance {id} is {state} while waiting for {want}"
-                )));
             }
             if started.elapsed() > self.wait_timeout {
                 return Err(FleetError::Timeout {
-                    what: format!("instance {id} to be {want} (it is {state})"),
+                    what: format!("instance {id} to be terminated (it is {state})"),
                     after: self.wait_timeout,
                 });
             }
@@ -1136,8 +1427,8 @@ impl Fleet {
     }
 
     /// The instance-type switch (and settings change): stop — the server drains —, modify the
-    /// type and/or user data, start. Same instance id, private IP, root disk (TLS identity,
-    /// token secret, disk metadata) and attachments: agents reconnect and resume.
+    /// type and/or user data, start. Same instance id, private IP, root disk and attachments
+    /// (identity volume included): agents reconnect and resume.
     async fn update_in_place(
         &self,
         t: &Template,
@@ -1163,11 +1454,11 @@ impl Fleet {
                 .instance_id(id)
                 .user_data(
                     SecureBlobAttributeValue::builder()
-                        // The value is base64 text, as RunInstances' UserData; the SDK's
-                        // blob encoding of the query parameter comes on top.
-                        .value(Blob::new(aws_smithy_types::base64::encode(
-                            t.server_settings(s.index),
-                        )))
+                        // The raw settings: `UserData.Value` is a blob, which the SDK
+                        // base64-encodes on the wire, the form EC2 documents. (RunInstances'
+                        // `UserData` is a string and takes the base64 text.) Encoding it here
+                        // too would give the instance base64 text as its user data.
+                        .value(Blob::new(t.server_settings(s.index)))
                         .build(),
                 )
                 .send()
@@ -1312,8 +1603,9 @@ impl Fleet {
     }
 
     /// The replacement path (a changed AMI or subnet): stop the old instance (the server
-    /// drains), detach its replica volumes, terminate it, launch the new one with the same
-    /// index, server tag and (same subnet) private IP, attach the volumes at the same devices.
+    /// drains), detach its replica and identity volumes, terminate it, launch the new one with
+    /// the same index, server tag and (same subnet) private IP — the launch attaches the
+    /// identity volume —, attach the replicas at the same devices.
     async fn replace(
         &self,
         t: &Template,
@@ -1324,6 +1616,10 @@ impl Fleet {
         let vols = self.replicas_on(&s.instance_id).await?;
         for (v, _) in &vols {
             self.detach(v, &s.instance_id).await?;
+        }
+        // The identity volume goes too: the new instance's launch attaches it.
+        if let Some(v) = self.identity_on(&s.instance_id).await? {
+            self.detach(&v, &s.instance_id).await?;
         }
         self.terminate(std::slice::from_ref(&s.instance_id)).await?;
         let keep_ip = (s.subnet_id == t.staging_subnet)
@@ -1468,7 +1764,7 @@ impl Fleet {
         let stale: Vec<Tag> = s
             .tags
             .keys()
-            .filter(|k| !want.contains_key(*k) && !k.starts_with("aws:"))
+            .filter(|k| !want.contains_key(*k) && !k.starts_with("aws:") && !server_owned(k))
             .map(|k| Tag::builder().key(k).build())
             .collect();
         let changed: Vec<Tag> = want
@@ -1534,6 +1830,67 @@ mod tests {
         assert!(tags.values().all(|v| v.len() <= 256));
         assert_eq!(decode_sources(&tags), srcs);
         assert!(encode_sources(&[]).is_empty());
+    }
+
+    fn instance_in(state: aws_sdk_ec2::types::InstanceStateName) -> aws_smithy_mocks::Rule {
+        use aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput;
+        use aws_sdk_ec2::types::{Instance, InstanceState, Reservation};
+        aws_smithy_mocks::mock!(aws_sdk_ec2::Client::describe_instances).then_output(move || {
+            DescribeInstancesOutput::builder()
+                .reservations(
+                    Reservation::builder()
+                        .instances(
+                            Instance::builder()
+                                .instance_id("i-1")
+                                .state(InstanceState::builder().name(state.clone()).build())
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build()
+        })
+    }
+
+    /// The SDK's waiter carries EC2's acceptors: an instance that is stopping will not become
+    /// running, and the wait says so at the first describe (a plain poll for `running`
+    /// would describe it every `poll_interval` until `wait_timeout`).
+    #[tokio::test]
+    async fn a_wait_for_running_fails_at_once_on_a_stopping_instance() {
+        use aws_sdk_ec2::types::InstanceStateName;
+        use aws_smithy_mocks::{mock_client, RuleMode};
+        let stopping = instance_in(InstanceStateName::Stopping);
+        let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&stopping]);
+        let mut f = Fleet::with_client(ec2);
+        f.wait_timeout = Duration::from_secs(5);
+        let e = f.wait_instance("i-1", "running").await.unwrap_err();
+        assert!(
+            matches!(&e, FleetError::Conflict(m) if m.contains("stopping")),
+            "{e}"
+        );
+        assert_eq!(stopping.num_calls(), 1);
+
+        let running = instance_in(InstanceStateName::Running);
+        let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&running]);
+        Fleet::with_client(ec2)
+            .wait_instance("i-1", "running")
+            .await
+            .unwrap();
+        assert_eq!(running.num_calls(), 1);
+    }
+
+    /// A cutover terminates test instances that may still be booting: EC2's terminated
+    /// waiter would fail on `pending`; the wait goes on until the instance is terminated.
+    #[tokio::test]
+    async fn a_wait_for_terminated_goes_on_through_pending() {
+        use aws_sdk_ec2::types::InstanceStateName;
+        use aws_smithy_mocks::{mock_client, RuleMode};
+        let pending = instance_in(InstanceStateName::Pending);
+        let terminated = instance_in(InstanceStateName::Terminated);
+        let ec2 = mock_client!(aws_sdk_ec2, RuleMode::Sequential, [&pending, &terminated]);
+        let mut f = Fleet::with_client(ec2);
+        f.poll_interval = Duration::from_millis(10);
+        f.wait_instance("i-1", "terminated").await.unwrap();
+        assert_eq!((pending.num_calls(), terminated.num_calls()), (1, 1));
     }
 
     #[test]

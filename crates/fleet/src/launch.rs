@@ -7,19 +7,28 @@
 //! same snapshots and the template's `[launch]` settings. The instance's tags are the record of
 //! the launch: `slipway:role = launch`, `slipway:template`, `slipway:source-id`,
 //! `slipway:restore-point`, `slipway:launch-mode`, `slipway:launched-ms`.
+//!
+//! Unless the request says [`Conversion::Skip`] (`--no-convert`), the image is registered
+//! not from the restore point's snapshots but from converted copies of them, with the boot
+//! mode the conversion found (`crate::convert`): a machine from another hypervisor needs NVMe
+//! and ENA drivers and a root named by UUID to boot on Nitro. The image's name says which
+//! (`…-converted`), so a converted and an unconverted image of one restore point never stand in
+//! for each other.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_sdk_ec2::types::{
-    ArchitectureValues, BlockDeviceMapping, EbsBlockDevice, HttpTokensState,
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, HttpTokensState,
     InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceType,
     ResourceType, VolumeType,
 };
+use serde::Serialize;
 use slipway_aws::tags as aws_tags;
 use tracing::info;
 
+use crate::convert::{Conversion, ConversionRecord, ROLE_CONVERTED};
 use crate::error::FleetError;
 use crate::fleet::{filter, profile_spec, tag_map, tag_spec, Fleet, TEMPLATE};
 use crate::template::Template;
@@ -32,7 +41,8 @@ pub const LAUNCH_MODE: &str = "slipway:launch-mode";
 pub const LAUNCHED_MS: &str = "slipway:launched-ms";
 
 /// Test (the source keeps running, the instance is disposable) or cutover (the real thing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LaunchMode {
     Test,
     Cutover,
@@ -65,6 +75,8 @@ pub struct LaunchRequest {
     pub mode: LaunchMode,
     /// Restore point id; `None`: the newest one whose snapshots are all completed.
     pub restore_point: Option<String>,
+    /// Convert the disks for Nitro first (and where), or not (`--no-convert`).
+    pub conversion: Conversion,
 }
 
 /// One disk of a restore point.
@@ -91,8 +103,8 @@ impl RestorePoint {
     }
 }
 
-/// What a launch did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a launch did (`slipway launch --json` prints it).
+#[derive(Debug, Clone, Serialize)]
 pub struct LaunchReport {
     pub source: String,
     pub mode: LaunchMode,
@@ -100,10 +112,60 @@ pub struct LaunchReport {
     pub instance_id: String,
     pub image_id: String,
     pub private_ip: Option<String>,
-    /// (device, snapshot id, disk id)
-    pub devices: Vec<(String, String, String)>,
+    /// The instance's disks: device name, the snapshot it was made from, the source disk.
+    pub devices: Vec<LaunchDevice>,
     /// Test instances of the source terminated before a cutover.
     pub terminated: Vec<String>,
+    /// Whether the image is made of converted disks (by this launch or, if the image was
+    /// found again by name, by an earlier one).
+    pub converted: bool,
+    /// The conversion this launch ran; `None` with `--no-convert` or a reused image.
+    pub conversion: Option<ConversionRecord>,
+    /// The image was registered by an earlier launch of the same restore point (found by name).
+    pub reused_image: bool,
+    /// The image's boot mode (`legacy-bios`, `uefi`); `None`: not set, the instance type's
+    /// default (legacy BIOS on x86).
+    pub boot_mode: Option<String>,
+}
+
+/// One disk of a launched instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LaunchDevice {
+    pub device: String,
+    pub snapshot_id: String,
+    pub disk: String,
+    pub size_gib: i32,
+}
+
+/// The image a launch boots, and what the launch learnt making or finding it.
+struct LaunchImage {
+    id: String,
+    devices: Vec<LaunchDevice>,
+    converted: bool,
+    conversion: Option<ConversionRecord>,
+    reused: bool,
+    boot_mode: Option<String>,
+}
+
+/// The image's (and the instance's) block device mappings: every disk a gp3 volume deleted
+/// with the instance.
+fn block_device_mappings(devices: &[LaunchDevice]) -> Vec<BlockDeviceMapping> {
+    devices
+        .iter()
+        .map(|d| {
+            BlockDeviceMapping::builder()
+                .device_name(&d.device)
+                .ebs(
+                    EbsBlockDevice::builder()
+                        .snapshot_id(&d.snapshot_id)
+                        .volume_size(d.size_gib)
+                        .volume_type(VolumeType::Gp3)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build()
+        })
+        .collect()
 }
 
 impl fmt::Display for LaunchReport {
@@ -121,8 +183,49 @@ impl fmt::Display for LaunchReport {
             self.image_id,
             self.private_ip.as_deref().unwrap_or("-")
         )?;
-        for (dev, snap, disk) in &self.devices {
-            writeln!(f, "  {dev:<12} {snap:<24} disk {disk}")?;
+        for d in &self.devices {
+            writeln!(
+                f,
+                "  {:<12} {:<24} disk {}",
+                d.device, d.snapshot_id, d.disk
+            )?;
+        }
+        let boot = self.boot_mode.as_deref().unwrap_or("instance type default");
+        match &self.conversion {
+            Some(c) => {
+                let r = &c.report;
+                match &r.distro {
+                    Some(d) => writeln!(
+                        f,
+                        "converted on {} ({}) in {:.0} s: {}, root on disk {} partition {} ({}); boot mode {boot}",
+                        c.instance_id,
+                        c.availability_zone,
+                        c.seconds,
+                        d.pretty_name.as_deref().unwrap_or(&d.id),
+                        r.root.disk,
+                        r.root.partition,
+                        r.root.fs
+                    )?,
+                    None => writeln!(f, "converted on {}; boot mode {boot}", c.instance_id)?,
+                }
+                for ch in &r.changes {
+                    writeln!(f, "  changed {}: {}", ch.path, ch.detail)?;
+                }
+                for n in &r.notes {
+                    writeln!(f, "  note: {n}")?;
+                }
+                writeln!(
+                    f,
+                    "  intermediate volumes deleted: {}",
+                    c.volumes_deleted.join(", ")
+                )?;
+            }
+            None if self.converted => writeln!(
+                f,
+                "image {} reused: converted by an earlier launch; boot mode {boot}",
+                self.image_id
+            )?,
+            None => writeln!(f, "not converted (--no-convert); boot mode {boot}")?,
         }
         Ok(())
     }
@@ -184,6 +287,18 @@ impl fmt::Display for LaunchList {
     }
 }
 
+/// The name of a launch's image: found again by it on the next launch of the restore point.
+/// Truncated before the suffix (AMI names are at most 128 characters), so that a converted
+/// and an unconverted image of one restore point never share a name.
+pub(crate) fn image_name(template: &str, source: &str, rp: &str, converted: bool) -> String {
+    let suffix = if converted { "-converted" } else { "" };
+    let base: String = format!("slipway-{template}-{source}-{rp}")
+        .chars()
+        .take(128 - suffix.len())
+        .collect();
+    format!("{base}{suffix}")
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -209,6 +324,10 @@ impl Fleet {
         let mut rps: BTreeMap<String, RestorePoint> = BTreeMap::new();
         for s in &snaps {
             let tags = tag_map(s.tags());
+            // A launch's converted copy of a restore point's disk is not part of it.
+            if tags.get(aws_tags::ROLE).map(String::as_str) == Some(ROLE_CONVERTED) {
+                continue;
+            }
             let (Some(rp), Some(disk), Some(sid)) = (
                 tags.get(aws_tags::RESTORE_POINT),
                 tags.get(aws_tags::DISK_ID),
@@ -312,23 +431,6 @@ impl Fleet {
             })?;
             devices.push((name, d));
         }
-        let mappings: Vec<BlockDeviceMapping> = devices
-            .iter()
-            .map(|(dev, d)| {
-                BlockDeviceMapping::builder()
-                    .device_name(dev)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .snapshot_id(&d.snapshot_id)
-                            .volume_size(d.size_gib)
-                            .volume_type(VolumeType::Gp3)
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build()
-            })
-            .collect();
-
         // A cutover replaces the test instances; two cutovers of one source are refused.
         let existing = self.launch_records(Some(&t.name), Some(&source.id)).await?;
         let live = |l: &&LaunchRecord| l.state != "terminated" && l.state != "shutting-down";
@@ -350,22 +452,29 @@ impl Fleet {
         } else {
             Vec::new()
         };
-        if !terminated.is_empty() {
-            info!(source = %source.id, instances = ?terminated, "terminating test instances before the cutover");
-            self.terminate(&terminated).await?;
-        }
-
-        let image_id = self
+        // The image before any test instance is terminated: a conversion that refuses the
+        // source leaves everything as it was.
+        let image = self
             .image_for(
                 t,
                 &source.id,
                 rp,
                 &launch.architecture,
                 &devices,
-                &mappings,
                 &launch.root_device_name,
+                &req.conversion,
             )
             .await?;
+        let mappings = block_device_mappings(&image.devices);
+        // Interrupted during the conversion's last wait: the image stays, nothing is run.
+        if let Conversion::On(on) = &req.conversion {
+            on.check()?;
+        }
+
+        if !terminated.is_empty() {
+            info!(source = %source.id, instances = ?terminated, "terminating test instances before the cutover");
+            self.terminate(&terminated).await?;
+        }
 
         let mut tags = launch.tags.clone();
         tags.entry("Name".into())
@@ -386,7 +495,7 @@ impl Fleet {
         let mut call = self
             .ec2
             .run_instances()
-            .image_id(&image_id)
+            .image_id(&image.id)
             .instance_type(InstanceType::from(launch.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
@@ -436,17 +545,20 @@ impl Fleet {
             mode: req.mode,
             restore_point: rp.id.clone(),
             instance_id: id,
-            image_id,
+            image_id: image.id,
             private_ip: ip,
-            devices: devices
-                .iter()
-                .map(|(dev, d)| (dev.clone(), d.snapshot_id.clone(), d.disk.clone()))
-                .collect(),
+            devices: image.devices,
             terminated,
+            converted: image.converted,
+            conversion: image.conversion,
+            reused_image: image.reused,
+            boot_mode: image.boot_mode,
         })
     }
 
-    /// The image registered from a restore point (found again by name, else registered now).
+    /// The image of a launch: found again by name (registered by an earlier launch of the
+    /// same restore point, converted or not as this one), else registered now — from the
+    /// restore point's snapshots, or from converted copies of them.
     #[allow(clippy::too_many_arguments)]
     async fn image_for(
         &self,
@@ -454,12 +566,12 @@ impl Fleet {
         source: &str,
         rp: &RestorePoint,
         architecture: &str,
-        _devices: &[(String, &RpDisk)],
-        mappings: &[BlockDeviceMapping],
+        devices: &[(String, &RpDisk)],
         root_device_name: &str,
-    ) -> Result<String, FleetError> {
-        let name = format!("slipway-{}-{source}-{}", t.name, rp.id);
-        let name: String = name.chars().take(128).collect();
+        conversion: &Conversion,
+    ) -> Result<LaunchImage, FleetError> {
+        let converted = matches!(conversion, Conversion::On(_));
+        let name = image_name(&t.name, source, &rp.id, converted);
         let found = self
             .ec2
             .describe_images()
@@ -468,26 +580,147 @@ impl Fleet {
             .send()
             .await
             .map_err(|e| FleetError::sdk("DescribeImages", e))?;
-        if let Some(id) = found
+        if let Some(i) = found
             .images()
             .iter()
-            .filter(|i| i.state().map(|s| s.as_str()) != Some("deregistered"))
-            .find_map(|i| i.image_id())
+            .find(|i| i.state().map(|s| s.as_str()) != Some("deregistered"))
         {
-            return Ok(id.to_string());
+            // The image's own snapshots (converted ones for a converted image).
+            let by_device: BTreeMap<&str, &str> = i
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| Some((m.device_name()?, m.ebs()?.snapshot_id()?)))
+                .collect();
+            return Ok(LaunchImage {
+                id: i.image_id().unwrap_or_default().to_string(),
+                devices: devices
+                    .iter()
+                    .map(|(dev, d)| LaunchDevice {
+                        device: dev.clone(),
+                        snapshot_id: by_device
+                            .get(dev.as_str())
+                            .map_or_else(|| d.snapshot_id.clone(), |s| s.to_string()),
+                        disk: d.disk.clone(),
+                        size_gib: d.size_gib,
+                    })
+                    .collect(),
+                converted,
+                conversion: None,
+                reused: true,
+                boot_mode: i.boot_mode().map(|b| b.as_str().to_string()),
+            });
         }
+
+        let (conversion, boot_mode, devices) = match conversion {
+            Conversion::Skip => (
+                None,
+                None,
+                devices
+                    .iter()
+                    .map(|(dev, d)| LaunchDevice {
+                        device: dev.clone(),
+                        snapshot_id: d.snapshot_id.clone(),
+                        disk: d.disk.clone(),
+                        size_gib: d.size_gib,
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Conversion::On(on) => {
+                // In the restore point's order, as the local test launch gives them: the
+                // source's `/dev/sdb1` is the restore point's second disk either way.
+                let disks: Vec<&RpDisk> = rp.disks.iter().collect();
+                let c = self
+                    .convert_restore_point(t, source, rp, &disks, on)
+                    .await?;
+                let mode = crate::convert::boot_mode(c.report.boot_mode);
+                // One converted snapshot per disk of the restore point, so one per device.
+                let devs: Option<Vec<LaunchDevice>> = devices
+                    .iter()
+                    .map(|(dev, d)| {
+                        let s = c.snapshots.iter().find(|s| s.disk == d.disk)?;
+                        Some(LaunchDevice {
+                            device: dev.clone(),
+                            snapshot_id: s.snapshot.clone(),
+                            disk: d.disk.clone(),
+                            size_gib: d.size_gib,
+                        })
+                    })
+                    .collect();
+                let Some(devs) = devs else {
+                    let ids: Vec<String> = c.snapshots.iter().map(|s| s.snapshot.clone()).collect();
+                    self.delete_snapshots(&ids).await;
+                    return Err(FleetError::Conflict(format!(
+                        "the conversion of restore point {} did not snapshot every disk",
+                        rp.id
+                    )));
+                };
+                (Some(c), Some(mode), devs)
+            }
+        };
+        let registered = self
+            .register(
+                t,
+                source,
+                rp,
+                &name,
+                architecture,
+                root_device_name,
+                &block_device_mappings(&devices),
+                boot_mode.clone(),
+            )
+            .await;
+        let id = match registered {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(c) = &conversion {
+                    let ids: Vec<String> = c.snapshots.iter().map(|s| s.snapshot.clone()).collect();
+                    self.delete_snapshots(&ids).await;
+                }
+                return Err(e);
+            }
+        };
+        Ok(LaunchImage {
+            id,
+            devices,
+            converted,
+            conversion,
+            reused: false,
+            boot_mode: boot_mode.map(|b| b.as_str().to_string()),
+        })
+    }
+
+    /// RegisterImage, tagged with the template, source and restore point.
+    #[allow(clippy::too_many_arguments)]
+    async fn register(
+        &self,
+        t: &Template,
+        source: &str,
+        rp: &RestorePoint,
+        name: &str,
+        architecture: &str,
+        root_device_name: &str,
+        mappings: &[BlockDeviceMapping],
+        boot_mode: Option<BootModeValues>,
+    ) -> Result<String, FleetError> {
         let out = self
             .ec2
             .register_image()
-            .name(&name)
+            .name(name)
             .description(format!(
-                "slipway: source {source}, restore point {} (template {})",
-                rp.id, t.name
+                "slipway: source {source}, restore point {} (template {}){}",
+                rp.id,
+                t.name,
+                if boot_mode.is_some() {
+                    ", converted for EC2"
+                } else {
+                    ""
+                }
             ))
             .architecture(ArchitectureValues::from(architecture))
             .root_device_name(root_device_name)
             .virtualization_type("hvm")
             .ena_support(true)
+            .set_boot_mode(boot_mode)
             .set_block_device_mappings(Some(mappings.to_vec()))
             .send()
             .await
@@ -573,5 +806,26 @@ impl Fleet {
         Ok(LaunchList {
             launches: self.launch_records(template, None).await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converted_and_unconverted_images_never_share_a_name() {
+        let long_template = "t".repeat(64);
+        let long_source = "s".repeat(128);
+        for (t, src) in [
+            ("prod", "web-01"),
+            (long_template.as_str(), long_source.as_str()),
+        ] {
+            let plain = image_name(t, src, "rp-1796628273853-f894", false);
+            let conv = image_name(t, src, "rp-1796628273853-f894", true);
+            assert_ne!(plain, conv);
+            assert!(plain.len() <= 128 && conv.len() <= 128);
+            assert!(conv.ends_with("-converted"));
+        }
     }
 }

@@ -10,29 +10,38 @@
 //! - [`apply`] reconciles EC2 with the template: launches, instance-type switches (stop,
 //!   modify, start), replacements (changed AMI or subnet: the replica volumes move), moves,
 //!   retirements; `dry_run` only plans. Idempotent.
-//! - [`launch`] creates a test or cutover instance from a restore point's snapshots;
+//! - [`launch`] creates a test or cutover instance from a restore point's snapshots, converted
+//!   for Nitro first unless the request says not to (`convert.rs`: volumes from the
+//!   snapshots, attached to this instance, converted by slipway-convert, snapshotted);
 //!   [`launch_list`] reads the launches back from their tags.
 //!
 //! **Architecture Invariant:** the planner and template validation do no I/O beyond reading
 //! the template files; everything that talks to AWS goes through [`Fleet`], and EC2 tags are
 //! the only state (no local state file).
 
+mod convert;
 mod error;
 mod fleet;
 mod launch;
 pub mod limits;
 pub mod planner;
+pub mod probe;
 pub mod template;
 
+pub use convert::{
+    boot_mode, Conversion, ConversionRecord, ConvertOn, ConvertedDisk, CONVERTED_FROM,
+    ROLE_CONVERSION, ROLE_CONVERTED,
+};
 pub use error::FleetError;
 pub use fleet::{
     decode_sources, drift, encode_sources, Action, ApplyOptions, ApplyReport, Drift, Fleet,
     ServerReport, ServerState, ROLE_SERVER, SERVER_INDEX, SETTINGS_SHA, SOURCES_PREFIX, TEMPLATE,
 };
 pub use launch::{
-    LaunchList, LaunchMode, LaunchRecord, LaunchReport, LaunchRequest, RestorePoint, RpDisk,
-    LAUNCHED_MS, LAUNCH_MODE, ROLE_LAUNCH,
+    LaunchDevice, LaunchList, LaunchMode, LaunchRecord, LaunchReport, LaunchRequest, RestorePoint,
+    RpDisk, LAUNCHED_MS, LAUNCH_MODE, ROLE_LAUNCH,
 };
+pub use probe::{MetricsProbe, SettingsProbe};
 pub use template::{LaunchSettings, Source, Template};
 
 use std::path::Path;

@@ -15,7 +15,6 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use slipway_aws::{AwsSettings, RawAwsSettings};
 use slipway_pit::{PitPolicy, RawPitSettings};
 
@@ -26,6 +25,9 @@ use crate::limits::data_volume_limit;
 pub const DEFAULT_MAX_DISKS_PER_SERVER: u32 = 15;
 /// The data directory the AMI prepares.
 pub const SERVER_DATA_DIR: &str = "/var/lib/slipway";
+/// Where a server's capture spill files go unless `[server.replication] spill_dir` says
+/// otherwise: the root disk (the data dir is the 1 GiB identity volume).
+pub const SERVER_SPILL_DIR: &str = "/var/tmp/slipway-spill";
 /// Where agents connect unless `[server] listen` says otherwise.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:1500";
 /// Where Prometheus scrapes unless `[server] metrics_listen` says otherwise.
@@ -160,6 +162,9 @@ pub struct Template {
     server: toml::Table,
     /// UDP port agents connect to (from the rendered `listen`).
     pub agent_port: u16,
+    /// The servers' metrics port (`[server] metrics_listen`), where `apply` reads the
+    /// settings fingerprint each server runs with.
+    pub metrics_port: u16,
     pub sources: Vec<Source>,
     pub launch: Option<LaunchSettings>,
 }
@@ -339,6 +344,14 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
     check_groups(&security_groups).map_err(|r| bad("security_groups", r))?;
     let instance_type = required("instance_type", raw.instance_type)?;
     check_instance_type(&instance_type).map_err(|r| bad("instance_type", r))?;
+    if crate::limits::is_nitro(&instance_type) == Some(false) {
+        return Err(bad(
+            "instance_type",
+            format!(
+                "{instance_type} is a Xen-based (previous generation) type: its EBS volumes appear as /dev/xvd* without their volume id, so the replication server could never find its replicas; choose a Nitro type (m5, m6i, m7i, c5, r5, t3, …)"
+            ),
+        ));
+    }
     let ami = required("ami", raw.ami)?;
     check_prefixed(&ami, "ami-").map_err(|r| bad("ami", r))?;
     let iam_instance_profile = match raw.iam_instance_profile {
@@ -349,7 +362,7 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
         None => None,
     };
     let dedicated = raw.dedicated.unwrap_or(false);
-    let limit = data_volume_limit(&instance_type).unwrap_or(26);
+    let limit = data_volume_limit(&instance_type).unwrap_or(25);
     let max_disks_per_server = raw
         .max_disks_per_server
         .unwrap_or(DEFAULT_MAX_DISKS_PER_SERVER.min(limit));
@@ -357,7 +370,7 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
         return Err(bad(
             "max_disks_per_server",
             format!(
-                "{max_disks_per_server} is outside 1..={limit} ({instance_type} can attach {limit} volumes besides its root volume)"
+                "{max_disks_per_server} is outside 1..={limit} ({instance_type} can attach {limit} volumes besides its root and identity volumes)"
             ),
         ));
     }
@@ -456,7 +469,7 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
         }
         if s.disks == 0 || s.disks > per_server {
             let why = if dedicated {
-                format!("{instance_type} can attach {limit} volumes besides its root volume")
+                format!("{instance_type} can attach {limit} volumes besides its root and identity volumes")
             } else {
                 format!("max_disks_per_server is {max_disks_per_server}")
             };
@@ -527,6 +540,11 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
         "bandwidth_mbps".into(),
         toml::Value::Integer(bandwidth_mbps as i64),
     );
+    // Capture spill files on the root disk, not on the small identity volume that holds the
+    // data dir (slipway.service's PrivateTmp= gives it a writable /var/tmp of its own).
+    replication
+        .entry("spill_dir")
+        .or_insert_with(|| SERVER_SPILL_DIR.into());
     server.insert(
         "pit".into(),
         toml::Value::try_from(&pit).map_err(|e| bad("pit", e.to_string()))?,
@@ -552,6 +570,7 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
         pit,
         server,
         agent_port: 0,
+        metrics_port: 0,
         sources,
         launch,
     };
@@ -559,17 +578,17 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
     let rendered = t.server_settings(0);
     let server_err = |key: String, reason: String| bad(&format!("server.{key}"), reason);
     let raw_settings =
-        slipway_server::settings::Settings::parse(&rendered, &file).map_err(|e| match e {
-            slipway_server::settings::SettingsError::Parse { key, reason, .. }
-            | slipway_server::settings::SettingsError::Invalid { key, reason, .. } => {
+        slipway_settings::Settings::parse(&rendered, &file).map_err(|e| match e {
+            slipway_settings::SettingsError::Parse { key, reason, .. }
+            | slipway_settings::SettingsError::Invalid { key, reason, .. } => {
                 server_err(key, reason)
             }
             e => bad("server", e.to_string()),
         })?;
     let settings =
-        slipway_server::settings::Settings::validate(raw_settings, &file).map_err(|e| match e {
-            slipway_server::settings::SettingsError::Parse { key, reason, .. }
-            | slipway_server::settings::SettingsError::Invalid { key, reason, .. } => {
+        slipway_settings::Settings::validate(raw_settings, &file).map_err(|e| match e {
+            slipway_settings::SettingsError::Parse { key, reason, .. }
+            | slipway_settings::SettingsError::Invalid { key, reason, .. } => {
                 server_err(key, reason)
             }
             e => bad("server", e.to_string()),
@@ -584,6 +603,7 @@ pub fn validate(raw: RawTemplate, path: &Path) -> Result<Template, FleetError> {
         ));
     }
     t.agent_port = settings.listen.port();
+    t.metrics_port = settings.metrics_listen.port();
     if t.agent_port == 0 {
         return Err(bad(
             "server.listen",
@@ -733,8 +753,7 @@ impl Template {
     /// SHA-256 (hex, 16 digits) of the settings of server `index`: the instance's
     /// `slipway:settings-sha256` tag, compared on every apply.
     pub fn settings_hash(&self, index: u32) -> String {
-        let d = Sha256::digest(self.server_settings(index).as_bytes());
-        hex::encode(&d[..8])
+        slipway_settings::settings_sha256(&self.server_settings(index))
     }
 
     /// One paragraph for `slipway template validate`: what the template describes.
@@ -820,14 +839,17 @@ ami = "ami-0123456789"
         );
         let t = load_str(&text).unwrap();
         let s = t.server_settings(3);
-        let raw = slipway_server::settings::Settings::parse(&s, "ud").unwrap();
-        let v = slipway_server::settings::Settings::validate(raw, "ud").unwrap();
-        assert_eq!(v.backend, slipway_server::settings::BackendKind::Aws);
+        let raw = slipway_settings::Settings::parse(&s, "ud").unwrap();
+        let v = slipway_settings::Settings::validate(raw, "ud").unwrap();
+        assert_eq!(v.backend, slipway_settings::BackendKind::Aws);
         assert_eq!(v.listen.to_string(), "0.0.0.0:1500");
         assert_eq!(v.metrics_listen.to_string(), "0.0.0.0:9500");
         assert_eq!(v.data_dir, PathBuf::from("/var/lib/slipway"));
+        // Spill files stay off the data dir, which is the small identity volume.
+        assert_eq!(v.spill_dir, PathBuf::from("/var/tmp/slipway-spill"));
+        assert!(!v.spill_dir.starts_with(&v.data_dir));
         assert_eq!(v.bandwidth_bytes_per_sec, 25_000_000);
-        assert_eq!(v.log_format, slipway_server::settings::LogFormat::Text);
+        assert_eq!(v.log_format, slipway_settings::LogFormat::Text);
         let (aws, _) = v.aws.unwrap();
         let raw_aws: RawAwsSettings = toml::Value::Table(aws).try_into().unwrap();
         let aws = AwsSettings::validate(raw_aws).unwrap();
@@ -842,6 +864,17 @@ ami = "ami-0123456789"
     }
 
     #[test]
+    fn an_operators_spill_dir_is_kept() {
+        let t = load_str(&format!(
+            "{MINIMAL}[server.replication]\nspill_dir = \"/mnt/scratch/spill\"\n"
+        ))
+        .unwrap();
+        let raw = slipway_settings::Settings::parse(&t.server_settings(0), "ud").unwrap();
+        let v = slipway_settings::Settings::validate(raw, "ud").unwrap();
+        assert_eq!(v.spill_dir, PathBuf::from("/mnt/scratch/spill"));
+    }
+
+    #[test]
     fn errors_name_file_key_and_reason() {
         let cases: &[(&str, &str)] = &[
             ("region = \"eu-west-1\"", "key `name`: is required"),
@@ -851,7 +884,7 @@ ami = "ami-0123456789"
             ),
             (
                 &format!("{MINIMAL}max_disks_per_server = 40"),
-                "key `max_disks_per_server`: 40 is outside 1..=26 (m5.large can attach 26 volumes besides its root volume)",
+                "key `max_disks_per_server`: 40 is outside 1..=25 (m5.large can attach 25 volumes besides its root and identity volumes)",
             ),
             (&format!("{MINIMAL}bandwidth_mbps = \"fast\""), "key `bandwidth_mbps`: invalid type"),
             (&format!("{MINIMAL}private_ip_routing = false"), "key `public_ip`: must be true"),
@@ -872,6 +905,8 @@ ami = "ami-0123456789"
             (&MINIMAL.replace("subnet-0abc", "sub-1"), "key `staging_subnet`: \"sub-1\" is not an id like \"subnet-0123abcd\""),
             (&MINIMAL.replace("[\"sg-0123\"]", "[]"), "key `security_groups`: needs at least one"),
             (&MINIMAL.replace("m5.large", "large"), "key `instance_type`: \"large\" is not an instance type"),
+            (&MINIMAL.replace("m5.large", "m4.large"), "key `instance_type`: m4.large is a Xen-based (previous generation) type"),
+            (&MINIMAL.replace("m5.large", "t2.medium"), "choose a Nitro type"),
             ("this is not toml", "key `(top level)`"),
         ];
         for (text, want) in cases {
@@ -893,7 +928,7 @@ ami = "ami-0123456789"
             "{MINIMAL}dedicated = true\n[[sources]]\nid = \"db\"\ndisks = 27"
         ));
         assert!(
-            e.contains("sources[0].disks") && e.contains("m5.large can attach 26"),
+            e.contains("sources[0].disks") && e.contains("m5.large can attach 25"),
             "{e}"
         );
     }

@@ -8,7 +8,11 @@
 //! Architecture invariant: the only frame reader is [`read_frame`], which checks the header
 //! (and with it the length) before it allocates the body.
 
+// A peer's input never panics this crate: no `unwrap` outside tests (house style, quinn).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod tls;
+pub mod units;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::io::AsRawFd;
@@ -188,10 +192,10 @@ impl Tuning {
 
     /// A client endpoint on an ephemeral port of the family of `peer`.
     pub fn client_endpoint(&self, peer: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-        let local: SocketAddr = if peer.is_ipv6() {
-            "[::]:0".parse().unwrap()
+        let local = if peer.is_ipv6() {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
         } else {
-            "0.0.0.0:0".parse().unwrap()
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
         };
         quinn::Endpoint::new(
             self.endpoint_config(None),

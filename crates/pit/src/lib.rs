@@ -87,6 +87,9 @@
 //! points instead of going silent until it catches up: a clock error should never cost restore
 //! points. Once `now` passes those points they are treated like any other.
 
+// A peer's input never panics this crate: no `unwrap` outside tests (house style, quinn).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod settings;
 
 use std::collections::BTreeSet;

@@ -861,8 +861,10 @@ impl Filesystem for PowerCutFs {
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
         let r = (|| {
             let p = cpath(&self.live()?.root)?;
-            // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
+            // SAFETY: statvfs is plain old data (integers only); all-zero is a valid value.
             let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: `p` is a NUL-terminated path that outlives the call; statvfs writes only
+            // into `st`, a struct of the right type that we own.
             if unsafe { libc::statvfs(p.as_ptr(), &mut st) } != 0 {
                 return Err(errno(io::Error::last_os_error()));
             }

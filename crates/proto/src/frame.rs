@@ -52,6 +52,7 @@ pub enum FrameType {
     ChunkHashes = 0x0F,
     MarkerNote = 0x10,
     TrackingNote = 0x11,
+    SourceLimits = 0x12,
 }
 
 impl FrameType {
@@ -75,6 +76,7 @@ impl FrameType {
             0x0F => ChunkHashes,
             0x10 => MarkerNote,
             0x11 => TrackingNote,
+            0x12 => SourceLimits,
             _ => return None,
         })
     }
@@ -340,6 +342,15 @@ pub struct TrackingNote {
     pub reason: String,
 }
 
+/// Server → agent on the control stream (feature [`crate::features::SOURCE_LIMITS`]): the
+/// limits the server's settings set for this source, sent after the handshake and again when
+/// they change. The agent applies the stricter of these and its own configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceLimits {
+    /// Replication bandwidth of the whole source, bits per second (0: no limit).
+    pub bandwidth_bps: u64,
+}
+
 /// Replication phase the agent reports for a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -535,6 +546,7 @@ pub enum Frame {
     ChunkHashes(ChunkHashes),
     MarkerNote(MarkerNote),
     TrackingNote(TrackingNote),
+    SourceLimits(SourceLimits),
 }
 
 impl Frame {
@@ -557,6 +569,7 @@ impl Frame {
             Frame::ChunkHashes(_) => FrameType::ChunkHashes,
             Frame::MarkerNote(_) => FrameType::MarkerNote,
             Frame::TrackingNote(_) => FrameType::TrackingNote,
+            Frame::SourceLimits(_) => FrameType::SourceLimits,
         }
     }
 
@@ -642,6 +655,7 @@ impl Frame {
                 body.put_u8(n.tracking as u8);
                 put_str(&mut body, &n.reason, MAX_MESSAGE_LEN);
             }
+            Frame::SourceLimits(l) => body.put_u64(l.bandwidth_bps),
             Frame::MarkerNote(n) => {
                 body.put_u64(n.marker_id);
                 body.put_u8(u8::from(n.one_instant));
@@ -805,6 +819,9 @@ impl Frame {
                     _ => return Err(r.bad("tracking", "unknown tracking mode")),
                 },
                 reason: r.string("reason", MAX_MESSAGE_LEN)?,
+            }),
+            FrameType::SourceLimits => Frame::SourceLimits(SourceLimits {
+                bandwidth_bps: r.u64("bandwidth_bps")?,
             }),
             FrameType::MarkerNote => Frame::MarkerNote(MarkerNote {
                 marker_id: r.u64("marker_id")?,
@@ -1066,6 +1083,9 @@ mod tests {
                 handle: 2,
                 tracking: Tracking::Rescan,
                 reason: "not root".into(),
+            }),
+            Frame::SourceLimits(SourceLimits {
+                bandwidth_bps: 40_000_000,
             }),
             Frame::MarkerNote(MarkerNote {
                 marker_id: 8,

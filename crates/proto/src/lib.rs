@@ -11,6 +11,9 @@
 //! Architecture invariant: nothing in here allocates more than the frame length a caller
 //! allowed (`max_body`) before that length has been checked.
 
+// A peer's input never panics this crate: no `unwrap` outside tests (house style, quinn).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod frame;
 pub mod handshake;
 
@@ -18,8 +21,8 @@ pub use frame::DecodeError;
 pub use frame::{
     Ack, ChunkHashes, Decoder, DiskOpen, DiskOpened, ErrorCode, ErrorFrame, Frame, FrameHeader,
     FrameType, HashRequest, Hello, Marker, MarkerNote, MarkerRequest, Phase, Progress, ResumeKind,
-    StreamBind, Tracking, TrackingNote, Welcome, Write, WriteZeroes, FLAG_LZ4, HEADER_LEN,
-    MAX_HASHES_PER_FRAME, NO_HANDLE,
+    SourceLimits, StreamBind, Tracking, TrackingNote, Welcome, Write, WriteZeroes, FLAG_LZ4,
+    HEADER_LEN, MAX_HASHES_PER_FRAME, NO_HANDLE,
 };
 pub use handshake::{ClientHandshake, HandshakeError, Negotiated, ServerHandshake, ServerParams};
 
@@ -49,8 +52,10 @@ pub mod features {
     pub const MARKER_NOTES: u32 = 1 << 2;
     /// The agent says how it finds each disk's changes ([`super::TrackingNote`]).
     pub const TRACKING_NOTES: u32 = 1 << 3;
+    /// The server sends the limits its settings set for the source ([`super::SourceLimits`]).
+    pub const SOURCE_LIMITS: u32 = 1 << 4;
     /// All features this build understands.
-    pub const ALL: u32 = LZ4 | HASHES | MARKER_NOTES | TRACKING_NOTES;
+    pub const ALL: u32 = LZ4 | HASHES | MARKER_NOTES | TRACKING_NOTES | SOURCE_LIMITS;
 }
 
 /// Longest source or disk id, in bytes.

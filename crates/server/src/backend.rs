@@ -1,144 +1,18 @@
-//! Where volumes and restore points live: the traits the server owns.
+//! Where volumes and restore points live, as the server sees it.
 //!
-//! The embedded local default keeps each source disk in a sparse file and restore points in the
-//! local snapshot store. On EC2 (`backend = "aws"`), `crates/aws` implements the same traits with
-//! one EBS volume per source disk and EBS snapshots. Keeping the traits here means the server,
-//! and everything that builds on it, never compiles the AWS SDK; the binary wires the chosen
-//! implementation in.
-//!
-//! Contract shared by every implementation: a call either does what it says or returns an
-//! error that leaves earlier state alone (no half-attached volume reported as usable, no
-//! restore point listed before its snapshots exist).
+//! The traits and their types are `slipway-backend`'s (re-exported here, so the server's code
+//! names them `crate::backend::…`): keeping them out of this crate lets `crates/aws` implement
+//! them without compiling the server. What stays here is the embedded local default's volume
+//! backend, which needs the store.
 
 use std::path::PathBuf;
 
 use async_trait::async_trait;
-use thiserror::Error;
 
-/// Errors of a backend, as the server needs to tell them apart.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum BackendError {
-    /// A transient failure that survived the backend's own retries (throttling, 5xx, timeouts):
-    /// try again later.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The instance has no free EBS attachment slot.
-    #[error("no EBS attachment slot left on this instance ({used} of {limit} in use)")]
-    NoAttachmentSlot { used: u32, limit: u32 },
-    /// Too many snapshots of a volume are still pending: skip this tick.
-    #[error("volume {volume_id} has {pending} pending snapshots (limit {limit})")]
-    SnapshotsPending {
-        volume_id: String,
-        pending: u32,
-        limit: u32,
-    },
-    /// Anything that will not get better by retrying (permissions, bad settings, missing ids).
-    #[error("{0}")]
-    Permanent(String),
-}
-
-/// A source disk that needs a volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeRequest {
-    pub source: String,
-    pub disk: String,
-    /// Size of the source disk in bytes (a backend may round up, never down).
-    pub size: u64,
-}
-
-/// A volume ready to be opened at `path`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeHandle {
-    pub source: String,
-    pub disk: String,
-    /// Backend id (`vol-…` on AWS; the file path on the local default).
-    pub volume_id: String,
-    /// File or block device to open for reading and writing.
-    pub path: PathBuf,
-    /// Created by this call (a new, all-zero volume), as opposed to found or adopted.
-    pub created: bool,
-}
-
-/// Provides one volume per source disk.
-#[async_trait]
-pub trait VolumeBackend: Send + Sync + 'static {
-    /// `local` or `aws`, for logs and status.
-    fn name(&self) -> &'static str;
-
-    /// Called once at start, before any agent connects: finds the volumes that belong to this
-    /// server (attaching them here if needed) so their disks show in status and resume.
-    async fn adopt(&self) -> Result<Vec<VolumeHandle>, BackendError>;
-
-    /// Finds, or creates and attaches, the volume of a source disk. Returns only once `path`
-    /// can be opened.
-    async fn ensure(&self, req: &VolumeRequest) -> Result<VolumeHandle, BackendError>;
-
-    /// (attachment slots in use, limit), where the backend has such a limit.
-    fn attachment_slots(&self) -> Option<(u32, u32)> {
-        None
-    }
-}
-
-/// A restore point to fix, while every applier of the source is held at its marker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotRequest {
-    pub rp_id: String,
-    pub source: String,
-    pub marker_id: u64,
-    pub created_unix_ms: u64,
-    /// `scheduled` or `on_demand`.
-    pub trigger: String,
-    /// (disk id, volume id) of every disk of the source.
-    pub volumes: Vec<(String, String)>,
-}
-
-/// A snapshot of one disk, as the backend knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteSnapshot {
-    pub disk: String,
-    pub snapshot_id: String,
-    pub volume_id: String,
-    /// `pending`, `completed` or `error`.
-    pub state: String,
-}
-
-/// A restore point as the backend lists it (from snapshot tags).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteRestorePoint {
-    pub rp_id: String,
-    pub source: String,
-    pub created_unix_ms: u64,
-    pub marker_id: u64,
-    pub trigger: String,
-    pub snapshots: Vec<RemoteSnapshot>,
-}
-
-/// Remote snapshots (EBS). The local default needs none: its restore points are the local
-/// snapshot store's.
-#[async_trait]
-pub trait SnapshotBackend: Send + Sync + 'static {
-    /// Whether every volume can take one more snapshot now (EBS allows few pending snapshots
-    /// per volume). A scheduler skips a tick on `false` rather than fail.
-    async fn can_snapshot(&self, volume_ids: &[String]) -> Result<bool, BackendError>;
-
-    /// Fixes the point in time of every volume of the request and tags the snapshots. Called
-    /// while the source's appliers are held; returns once the point in time is fixed (the
-    /// create calls returned), not when the snapshots complete.
-    async fn create(&self, req: &SnapshotRequest) -> Result<Vec<RemoteSnapshot>, BackendError>;
-
-    /// Restore points known to the backend, oldest first.
-    async fn list(&self, source: Option<&str>) -> Result<Vec<RemoteRestorePoint>, BackendError>;
-
-    /// Deletes every snapshot of a restore point.
-    async fn delete(&self, rp_id: &str) -> Result<(), BackendError>;
-
-    /// SHA-256 (hex) of every non-zero 512 KiB block of a snapshot, by block index (EBS direct
-    /// APIs). Blocks not listed are zero.
-    async fn block_hashes(&self, snapshot_id: &str) -> Result<Vec<(u64, String)>, BackendError>;
-
-    /// Bytes that differ between two snapshots of the same volume (EBS direct APIs).
-    async fn changed_bytes(&self, first: &str, second: &str) -> Result<u64, BackendError>;
-}
+pub use slipway_backend::{
+    BackendError, RemoteRestorePoint, RemoteSnapshot, SnapshotBackend, SnapshotRequest,
+    VolumeBackend, VolumeHandle, VolumeRequest,
+};
 
 /// The local default: each source disk is a sparse file under the data dir.
 #[derive(Debug, Clone)]

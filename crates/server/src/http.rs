@@ -69,9 +69,12 @@ async fn handle(mut sock: TcpStream, inner: Arc<Inner>) -> std::io::Result<()> {
                 )
                 .await
             } else {
+                // The fingerprint agents pin: public (a hash of the certificate the server
+                // shows every client), and here it is readable without a shell on the server.
                 let body = format!(
-                    "{{\"status\":\"ok\",\"agents_connected\":{}}}\n",
-                    inner.metrics.agents_connected.get()
+                    "{{\"status\":\"ok\",\"agents_connected\":{},\"fingerprint\":\"{}\"}}\n",
+                    inner.metrics.agents_connected.get(),
+                    inner.fingerprint
                 );
                 respond(&mut sock, "200 OK", "application/json", &body).await
             }

@@ -18,14 +18,17 @@ pub mod backend;
 mod http;
 pub mod metrics;
 pub mod restore;
+pub mod rules;
 mod session;
-pub mod settings;
+/// The settings are `slipway-settings`' (the replication templates render and validate them
+/// without compiling the server); re-exported under their old path.
+pub use slipway_settings as settings;
 pub mod status;
 mod throttle;
+mod windows;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,6 +114,8 @@ pub(crate) struct Inner {
     pub throttle: Option<Throttle>,
     /// Server-wide budget of received-but-not-yet-written payload bytes.
     pub memory: Arc<Semaphore>,
+    /// QUIC receive windows: `quic.receive_memory` shared by the live connections.
+    pub windows: Arc<windows::Windows>,
     shutting_down: AtomicBool,
     pub shutdown: watch::Receiver<bool>,
     pub rp: restore::RestorePoints,
@@ -223,6 +228,10 @@ impl Inner {
                     restore_points_blocked: None,
                     restore_points: 0,
                     newest_restore_point_age_seconds: None,
+                    bandwidth_limit_mbps: match self.settings.bandwidth_for(&slot.source) {
+                        0 => None,
+                        bps => Some(bps as f64 / 1e6),
+                    },
                 });
             src.connected |= st.connected;
             if st.connected {
@@ -272,7 +281,16 @@ impl Inner {
             agents_connected: self.metrics.agents_connected.get(),
             backend: self.volumes.name().into(),
             attachment_slots: self.volumes.attachment_slots(),
+            settings_sha256: self.settings.settings_sha256.clone(),
             sources: sources.into_values().collect(),
+        }
+    }
+
+    /// The limits pushed to `source`'s agent, from the settings (`[sources.NAME]`, else
+    /// `replication.source_bandwidth_mbps`).
+    pub(crate) fn source_limits(&self, source: &str) -> slipway_proto::SourceLimits {
+        slipway_proto::SourceLimits {
+            bandwidth_bps: self.settings.bandwidth_for(source),
         }
     }
 
@@ -451,12 +469,17 @@ impl DirLock {
             .write(true)
             .open(&path)
             .map_err(io_err(format!("opening {}", path.display())))?;
-        // SAFETY: flock on a valid fd we own; no memory is passed.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            return Err(ServerError::Locked(dir.display().to_string()));
+        // std's lock is flock(2) with LOCK_EX on Linux (LOCK_NB for try_lock): the same lock
+        // as before, so an older server still running on the dir is seen.
+        match f.try_lock() {
+            Ok(()) => Ok(DirLock { _file: f }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(ServerError::Locked(dir.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(io_err(format!("locking {}", path.display()))(e))
+            }
         }
-        Ok(DirLock { _file: f })
     }
 }
 
@@ -465,6 +488,8 @@ pub struct Backends {
     pub volumes: Arc<dyn backend::VolumeBackend>,
     /// Remote snapshots (AWS); `None` keeps restore points in the local snapshot store.
     pub snapshots: Option<Arc<dyn backend::SnapshotBackend>>,
+    /// The backend's own metrics (the AWS backend's requests), registered with the server's.
+    pub backend_metrics: Vec<Box<dyn prometheus::core::Collector>>,
 }
 
 impl Backends {
@@ -475,6 +500,7 @@ impl Backends {
                 root: settings.data_dir.join("volumes"),
             }),
             snapshots: None,
+            backend_metrics: Vec::new(),
         }
     }
 }
@@ -502,6 +528,13 @@ pub async fn run(
     let server_config =
         identity.server_config_with(&settings.tuning, settings.tls_client_ca.as_deref())?;
 
+    let metrics = Metrics::new();
+    let windows = windows::Windows::new(
+        settings.quic_receive_memory,
+        settings.tuning.clone(),
+        server_config.clone(),
+        metrics.quic_connection_window.clone(),
+    );
     let endpoint = settings
         .tuning
         .server_endpoint_with(
@@ -532,12 +565,13 @@ pub async fn run(
         throttle: (settings.bandwidth_bytes_per_sec > 0)
             .then(|| Throttle::new(settings.bandwidth_bytes_per_sec)),
         memory: Arc::new(Semaphore::new(settings.memory_limit_bytes as usize)),
+        windows,
         settings: Settings {
             listen,
             metrics_listen,
             ..settings
         },
-        metrics: Metrics::new(),
+        metrics,
         token_key,
         revoked: Mutex::new(RevokedCache::default()),
         fingerprint: fingerprint.clone(),
@@ -555,6 +589,12 @@ pub async fn run(
         volumes: backends.volumes,
         snapshots: backends.snapshots,
     });
+    for m in backends.backend_metrics {
+        inner.metrics.register_backend(m);
+    }
+    if let Some(sha) = &inner.settings.settings_sha256 {
+        inner.metrics.settings_info.with_label_values(&[sha]).set(1);
+    }
     // Volumes this server owns (after a restart or on a new instance) come back first.
     for v in inner
         .volumes
@@ -563,6 +603,11 @@ pub async fn run(
         .map_err(|e| ServerError::Backend(e.to_string()))?
     {
         tracing::info!(source = %v.source, disk = %v.disk, volume = %v.volume_id, path = %v.path.display(), "adopted volume");
+    }
+    // Where operators read the fingerprint agents pin (the instance's tags on EC2). Not
+    // fatal: agents already enrolled pin it anyway, and `slipway status` and /healthz show it.
+    if let Err(e) = inner.volumes.publish_fingerprint(&fingerprint).await {
+        tracing::warn!(error = %e, %fingerprint, "could not publish the TLS fingerprint");
     }
     inner.load_known_disks()?;
     // Blocks of restore points interrupted by a crash are unreferenced: sweep them.

@@ -11,10 +11,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Buckets for durations from 1 ms to 30 s.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+/// Buckets for durations from 1 ms to 30 s (`slipway-backend`'s, so a backend's own
+/// histograms match the server's).
+pub use slipway_backend::LATENCY_BUCKETS;
 
 /// All replication states a disk can be in (the `state` label's closed set).
 pub const STATES: &[&str] = &[
@@ -58,6 +57,7 @@ pub struct Metrics {
     pub flush_seconds: Histogram,
     pub ack_latency: Histogram,
     pub agents_connected: IntGauge,
+    pub quic_connection_window: IntGauge,
     pub connections: IntCounterVec,
     pub rejected: IntCounterVec,
     pub disk_errors: IntCounterVec,
@@ -75,6 +75,8 @@ pub struct Metrics {
     pub capture_spilled_bytes: IntCounter,
     /// EBS attachment slots (`used`, `limit`); only on a backend with such a limit.
     pub attachment_slots: IntGaugeVec,
+    /// 1, labelled with the fingerprint of the settings file the server runs with.
+    pub settings_info: IntGaugeVec,
     pub restore_points: RestorePointMetrics,
 }
 
@@ -83,6 +85,8 @@ pub struct Metrics {
 pub struct RestorePointMetrics {
     pub taken: IntCounterVec,
     pub pruned: IntCounterVec,
+    /// Prunes put off because an image uses the restore point's snapshots.
+    pub prune_deferred: IntCounterVec,
     pub failed: IntCounterVec,
     pub snapshot_seconds: HistogramVec,
     pub pause_seconds: Histogram,
@@ -172,6 +176,15 @@ impl Metrics {
                 IntGauge::new(
                     "slipway_agents_connected",
                     "Agents with an authenticated connection.",
+                )
+                .unwrap(),
+            ),
+            quic_connection_window: reg(
+                &r,
+                IntGauge::new(
+                    "slipway_quic_connection_window_bytes",
+                    "Receive window of each live QUIC connection: quic.receive_memory shared by \
+                     the connections, within [1 MiB, quic.connection_window].",
                 )
                 .unwrap(),
             ),
@@ -314,6 +327,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            settings_info: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "slipway_settings_info",
+                        "1, labelled with sha256: the fingerprint (first 8 bytes of SHA-256, hex) of the settings file the server runs with; `slipway template apply` compares it with the template.",
+                    ),
+                    &["sha256"],
+                )
+                .unwrap(),
+            ),
             restore_points: RestorePointMetrics {
                 taken: reg(
                     &r,
@@ -332,6 +356,17 @@ impl Metrics {
                         Opts::new(
                             "slipway_restore_points_pruned_total",
                             "Restore points deleted by the PIT policy or by an operator.",
+                        ),
+                        &["source"],
+                    )
+                    .unwrap(),
+                ),
+                prune_deferred: reg(
+                    &r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "slipway_restore_points_prune_deferred_total",
+                            "Prunes put off because the restore point's snapshots are in use by an image (a launch); retried every 10 minutes until it is deregistered.",
                         ),
                         &["source"],
                     )
@@ -441,6 +476,15 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding does not fail");
         String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+
+    /// Registers a backend's own metrics (the AWS backend's request counters; once, at
+    /// start). The backend defines them (it cannot depend on the server); this registry
+    /// serves them with the rest.
+    pub fn register_backend(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("a backend metric's name collides with a server metric");
     }
 
     pub fn reject(&self, reason: &str) {

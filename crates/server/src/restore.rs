@@ -30,6 +30,8 @@ use crate::Inner;
 
 /// How long to wait for every disk to reach a marker (the agent may finish a rescan first).
 const MARKER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a prune refused because an image uses the snapshots waits before trying again.
+const PRUNE_IN_USE_RETRY: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Error)]
 pub enum RpError {
@@ -50,6 +52,10 @@ pub enum RpError {
     /// The backend cannot take one now (pending snapshot limits): try a later tick.
     #[error("not now: {0}")]
     Busy(String),
+    /// The snapshot requests were not accepted within `replication.max_snapshot_hold`: the
+    /// writes were let go and the point fails (the scheduler tries again later).
+    #[error("the snapshot requests were not accepted within {0:?} while the source's writes were held (AWS throttling?); released the writes, will retry")]
+    HoldExceeded(Duration),
     #[error("snapshot backend: {0}")]
     Backend(#[from] crate::backend::BackendError),
     #[error(transparent)]
@@ -88,6 +94,13 @@ pub(crate) struct RestorePoints {
     /// takes it (only markers a restore point is waiting for are kept).
     notes: Mutex<HashMap<u64, slipway_proto::MarkerNote>>,
     notes_wake: tokio::sync::Notify,
+    /// Per source: consecutive scheduled points that exceeded the hold bound, and when the
+    /// scheduler may try again (5 s, 10 s, … up to 5 min), so a throttled account does not
+    /// hold the source's writes at every tick.
+    hold_backoff: Mutex<HashMap<String, (u32, Instant)>>,
+    /// Restore points the policy prunes but whose snapshots an image uses, and when to try
+    /// again: not every tick, each try costs AWS calls.
+    prune_deferred: Mutex<HashMap<String, Instant>>,
 }
 
 impl RestorePoints {
@@ -99,7 +112,34 @@ impl RestorePoints {
             summary: Mutex::new(HashMap::new()),
             notes: Mutex::new(HashMap::new()),
             notes_wake: tokio::sync::Notify::new(),
+            hold_backoff: Mutex::new(HashMap::new()),
+            prune_deferred: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether the scheduler waits before trying `source` again after points that exceeded
+    /// the hold bound.
+    fn backing_off(&self, source: &str, now: Instant) -> bool {
+        self.hold_backoff
+            .lock()
+            .unwrap()
+            .get(source)
+            .is_some_and(|(_, until)| now < *until)
+    }
+
+    /// Notes the outcome of a scheduled point for the hold backoff.
+    fn note_hold(&self, source: &str, exceeded: bool, now: Instant) {
+        let mut b = self.hold_backoff.lock().unwrap();
+        if !exceeded {
+            b.remove(source);
+            return;
+        }
+        let e = b.entry(source.to_string()).or_insert((0, now));
+        e.0 = e.0.saturating_add(1);
+        let wait = Duration::from_secs(5)
+            .saturating_mul(1 << e.0.saturating_sub(1).min(6))
+            .min(Duration::from_secs(300));
+        e.1 = now + wait;
     }
 
     pub fn lock_for(&self, source: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -407,25 +447,48 @@ impl Inner {
             let cap = h.begin_capture(parent_id.as_deref(), &id);
             cleanup.captures.push((h, cap));
         }
-        // Remote snapshots are fixed while the writers hold (EBS: when the create calls return).
+        // Remote snapshots are fixed while the writers hold (EBS: when the create calls are
+        // accepted). The requests (and the SDK's retries of them) may take at most
+        // `max_snapshot_hold`; past it the writes are let go and the point fails: whatever
+        // the abandoned requests created is deleted once the writers run again.
         let remote: Vec<slipway_store::snapshot::RemoteRef> = match &self.snapshots {
-            Some(sb) => sb
-                .create(&crate::backend::SnapshotRequest {
+            Some(sb) => {
+                let req = crate::backend::SnapshotRequest {
                     rp_id: id.clone(),
                     source: source.to_string(),
                     marker_id,
                     created_unix_ms,
                     trigger: trigger.as_str().to_string(),
                     volumes: volumes.clone(),
-                })
-                .await?
-                .into_iter()
-                .map(|r| slipway_store::snapshot::RemoteRef {
-                    disk: r.disk,
-                    snapshot_id: r.snapshot_id,
-                    volume_id: r.volume_id,
-                })
-                .collect(),
+                };
+                let hold = self.settings.max_snapshot_hold;
+                match tokio::time::timeout(hold, sb.create(&req)).await {
+                    Ok(made) => made?
+                        .into_iter()
+                        .map(|r| slipway_store::snapshot::RemoteRef {
+                            disk: r.disk,
+                            snapshot_id: r.snapshot_id,
+                            volume_id: r.volume_id,
+                        })
+                        .collect(),
+                    Err(_) => {
+                        // Twice: a request already on its way may still be accepted, at the
+                        // latest when its attempt times out (60 s), after the first pass.
+                        let (sb, rp) = (sb.clone(), id.clone());
+                        tokio::spawn(async move {
+                            for pass in 0..2 {
+                                if pass > 0 {
+                                    tokio::time::sleep(Duration::from_secs(65)).await;
+                                }
+                                if let Err(e) = sb.delete(&rp).await {
+                                    tracing::warn!(rp, error = %e, "cannot delete the snapshots of an abandoned restore point; the PIT prune will");
+                                }
+                            }
+                        });
+                        return Err(RpError::HoldExceeded(hold));
+                    }
+                }
+            }
             None => vec![],
         };
         // The point in time is fixed: let the writers go.
@@ -697,10 +760,44 @@ impl Inner {
     }
 
     /// Prunes what the PIT policy no longer keeps.
+    /// A restore point whose snapshots are in use (an image registered from them by a
+    /// launch) is skipped, counted, and tried again 10 minutes later; one that fails otherwise
+    /// does not stop the others.
     async fn prune(self: &Arc<Self>, source: &str) -> Result<(), RpError> {
         let points = self.policy_points(source).await?;
+        let now = Instant::now();
         for id in self.settings.pit.plan_prune(now_ms() / 1000, &points) {
-            self.delete_restore_point(&id).await?;
+            if self
+                .rp
+                .prune_deferred
+                .lock()
+                .unwrap()
+                .get(&id)
+                .is_some_and(|until| now < *until)
+            {
+                continue;
+            }
+            match self.delete_restore_point(&id).await {
+                Ok(_) => {
+                    self.rp.prune_deferred.lock().unwrap().remove(&id);
+                }
+                Err(RpError::Backend(crate::backend::BackendError::InUse(why))) => {
+                    self.metrics
+                        .restore_points
+                        .prune_deferred
+                        .with_label_values(&[source])
+                        .inc();
+                    tracing::info!(source, id, reason = %why, "restore point in use; pruning it later");
+                    self.rp
+                        .prune_deferred
+                        .lock()
+                        .unwrap()
+                        .insert(id, now + PRUNE_IN_USE_RETRY);
+                }
+                Err(e) => {
+                    tracing::warn!(source, id, error = %e, "pruning a restore point failed");
+                }
+            }
         }
         Ok(())
     }
@@ -724,10 +821,17 @@ impl Inner {
                 let Ok(points) = self.policy_points(&source).await else {
                     continue;
                 };
-                if self.settings.pit.due(now_ms() / 1000, &points) {
-                    let _ = self
+                if self.settings.pit.due(now_ms() / 1000, &points)
+                    && !self.rp.backing_off(&source, Instant::now())
+                {
+                    let r = self
                         .take_restore_point(&source, new_id(), Trigger::Scheduled)
                         .await;
+                    self.rp.note_hold(
+                        &source,
+                        matches!(r, Err(RpError::HoldExceeded(_))),
+                        Instant::now(),
+                    );
                 }
                 if let Err(e) = self.prune(&source).await {
                     tracing::warn!(source, error = %e, "pruning restore points failed");
@@ -769,4 +873,28 @@ pub fn manifest_json(m: &Manifest) -> serde_json::Value {
             "scanned_blocks": d.scanned_blocks,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod hold_tests {
+    use super::*;
+
+    #[test]
+    fn points_over_the_hold_bound_back_off_doubling_to_five_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rp = RestorePoints::new(SnapshotStore::new(dir.path().join("s")));
+        let t0 = Instant::now();
+        assert!(!rp.backing_off("web", t0));
+        let mut waits = vec![];
+        for _ in 0..8 {
+            rp.note_hold("web", true, t0);
+            let until = rp.hold_backoff.lock().unwrap()["web"].1;
+            waits.push((until - t0).as_secs());
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert!(rp.backing_off("web", t0 + Duration::from_secs(299)));
+        assert!(!rp.backing_off("db", t0));
+        rp.note_hold("web", false, t0);
+        assert!(!rp.backing_off("web", t0));
+    }
 }

@@ -8,8 +8,9 @@
 //! another agent.
 //!
 //! Tasks per connection: a control-frame reader (so no partially read frame is ever lost to a
-//! `select!`), the control loop, and per disk stream a reader and an ack writer. Acks come only
-//! from the applier's durable events through a `watch`, which also coalesces them.
+//! `select!`), the control loop, per disk stream a reader and an ack writer, and per open disk
+//! a task polling its applier's events. Acks come only from those durable events through a
+//! `watch`, which also coalesces them.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -29,7 +30,8 @@ use slipway_store::{Applier, ApplierEvent, ApplierHandle, DiskMeta, FileVolume, 
 use crate::backend::{BackendError, VolumeRequest};
 use tokio::sync::{mpsc, oneshot, watch, OwnedMutexGuard, OwnedSemaphorePermit};
 
-use crate::{DiskSlot, Inner};
+use crate::rules::{self, Accepted, AckRules, StreamRules};
+use crate::{windows, DiskSlot, Inner};
 
 /// Application close codes.
 pub const CLOSE_NORMAL: quinn::VarInt = quinn::VarInt::from_u32(0);
@@ -44,9 +46,6 @@ const STOP_REFUSED: quinn::VarInt = quinn::VarInt::from_u32(1);
 const CONTROL_MAX_BODY: u32 = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const LEASE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Smallest chunk a checksum resync may ask hashes for.
-const MIN_HASH_CHUNK: u64 = 256 << 10;
 
 /// Durable position and failure of a disk, as the ack writer sees it.
 #[derive(Debug, Clone, Default)]
@@ -69,7 +68,8 @@ pub(crate) struct OpenDisk {
     /// Backend volume id (the file path on the local default, `vol-…` on AWS).
     pub volume_id: String,
     applier: Mutex<Option<Applier>>,
-    /// Cleared at cleanup to break the applier → events → handle cycle.
+    /// The running applier's handle, for restore points and checksum resyncs; cleared at
+    /// cleanup (the disk is closed).
     pub handle_cell: Arc<Mutex<Option<ApplierHandle>>>,
     acks: watch::Receiver<AckState>,
     queue: Arc<tokio::sync::Semaphore>,
@@ -79,6 +79,9 @@ pub(crate) struct OpenDisk {
     /// can be opened for writing again only when the session *and* every capture have let go
     /// of it, so no new writer touches a volume a capture still reads.
     pub lease: Mutex<Option<Arc<OwnedMutexGuard<()>>>>,
+    /// The task polling the applier's events; it ends once the applier is closed and its
+    /// last event handled, and `cleanup` waits for it before the lease goes.
+    events_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// A hash request (checksum resync) is being answered.
     hashing: AtomicBool,
     received_bytes: prometheus::IntCounter,
@@ -123,8 +126,19 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         incoming.refuse();
         return;
     }
-    let conn = match incoming.await {
-        Ok(c) => c,
+    // This connection's share of the QUIC receive memory, from its first packet on; the
+    // lease gives the share back when the session ends.
+    let (_window_lease, config, window, initial) = inner.windows.join();
+    let mut _window_follow = None;
+    let conn = match async { incoming.accept_with(config)?.await }.await {
+        Ok(c) => {
+            _window_follow = Some(windows::FollowGuard(tokio::spawn(windows::follow(
+                c.clone(),
+                window,
+                initial,
+            ))));
+            c
+        }
         Err(e) => {
             inner
                 .metrics
@@ -185,6 +199,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         features: features::HASHES
             | features::MARKER_NOTES
             | features::TRACKING_NOTES
+            | features::SOURCE_LIMITS
             | if inner.settings.compression {
                 features::LZ4
             } else {
@@ -225,6 +240,7 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
     let negotiated = match hs.on_frame(hello, authorize) {
         Ok((welcome, n)) => {
             if write_frame(&mut ctl_send, &welcome).await.is_err() {
+                conn.close(CLOSE_PROTOCOL, b"control stream write failed");
                 return;
             }
             n
@@ -272,6 +288,10 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
     tracing::info!(agent = %negotiated.peer_version, lz4 = negotiated.lz4(), "agent connected");
     drop(_e);
 
+    if slipway_store::failpoint_armed("handshake-before-register") {
+        tracing::warn!("failpoint handshake-before-register: pausing 5s");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let c = Arc::new(Conn {
         inner: inner.clone(),
@@ -299,6 +319,24 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
             CLOSE_SUPERSEDED,
             b"superseded by a newer connection of this source",
         );
+    }
+    // A revocation between the check of the hello and the registration above found no
+    // session to close: look again now that this one is visible to every later revocation.
+    if let Some(id) = &c.token_id {
+        let revoked_now = inner
+            .revocations()
+            .map(|list| list.contains(id))
+            .unwrap_or(true);
+        if revoked_now {
+            tracing::warn!(source = %c.source, token_id = %id, "token revoked during the handshake: closing");
+            c.close(CLOSE_UNAUTHORIZED, b"token revoked");
+        }
+    }
+    // The limits the server's settings set for this source go first on the control stream.
+    if negotiated.features & features::SOURCE_LIMITS != 0 {
+        let _ = c
+            .ctl_tx
+            .send(Frame::SourceLimits(inner.source_limits(&c.source)));
     }
     let reason = control_loop(&c, ctl_send, ctl_recv, ctl_rx).await;
     tracing::info!(source = %c.source, %peer, reason = %reason, "agent disconnected");
@@ -426,18 +464,9 @@ fn hash_request(c: &Arc<Conn>, h: slipway_proto::HashRequest) -> Option<Frame> {
         )));
     };
     let chunk = u64::from(h.chunk_size);
-    // At least 256 KiB a hash (32 MiB of hashes for a TiB at most, queued if the agent does
-    // not read them) and one request per disk at a time.
-    if chunk < MIN_HASH_CHUNK || chunk % u64::from(d.block_size) != 0 || chunk > 64 << 20 {
+    if let Err(e) = rules::check_hash_chunk(h.handle, chunk, d.block_size) {
         c.inner.metrics.reject("invalid_argument");
-        return Some(Frame::Error(ErrorFrame::for_disk(
-            ErrorCode::InvalidArgument,
-            h.handle,
-            format!(
-                "hash chunk size {chunk} must be a multiple of the block size {}, at least 256 KiB and at most 64 MiB",
-                d.block_size
-            ),
-        )));
+        return Some(Frame::Error(e));
     }
     let Some(vol) = d.handle_cell.lock().unwrap().as_ref().map(|a| a.volume()) else {
         return None; // closing: the agent will reopen and ask again
@@ -553,13 +582,8 @@ async fn on_control(c: &Arc<Conn>, frame: Frame) -> Result<Option<Frame>, ErrorF
         Frame::Heartbeat(_) => Ok(None),
         other => {
             c.inner.metrics.reject("malformed");
-            Err(ErrorFrame::new(
-                ErrorCode::Malformed,
-                format!(
-                    "{:?} is not allowed on the control stream",
-                    other.frame_type()
-                ),
-            ))
+            Err(rules::check_control(&other)
+                .expect_err("every frame check_control allows is handled above"))
         }
     }
 }
@@ -595,39 +619,10 @@ async fn persist_synced(d: &Arc<OpenDisk>, pass_seq: u64) {
 
 async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame> {
     let inner = &c.inner;
-    let invalid = |m: String| ErrorFrame::new(ErrorCode::InvalidArgument, m);
-    if !slipway_proto::valid_id(&d.disk_id) {
-        return Err(invalid(format!(
-            "disk id {:?} is not valid (1-128 of A-Z a-z 0-9 . _ -)",
-            d.disk_id
-        )));
-    }
-    if !d.block_size.is_power_of_two() || !(512..=65536).contains(&d.block_size) {
-        return Err(invalid(format!(
-            "block size {} is not a power of two in 512..=65536",
-            d.block_size
-        )));
-    }
-    if d.size == 0 || !d.size.is_multiple_of(d.block_size as u64) {
-        return Err(invalid(format!(
-            "disk size {} is not a positive multiple of the block size {}",
-            d.size, d.block_size
-        )));
-    }
     {
         let disks = c.disks.lock().unwrap();
-        if disks.len() >= inner.settings.max_disks_per_connection as usize {
-            return Err(ErrorFrame::new(
-                ErrorCode::Limit,
-                format!(
-                    "a connection may open at most {} disks",
-                    inner.settings.max_disks_per_connection
-                ),
-            ));
-        }
-        if disks.values().any(|o| o.slot.disk == d.disk_id) {
-            return Err(invalid(format!("disk {} is already open", d.disk_id)));
-        }
+        let open: Vec<&str> = disks.values().map(|o| o.slot.disk.as_str()).collect();
+        rules::check_open(&d, &open, inner.settings.max_disks_per_connection)?;
     }
     let slot = inner.slot(&c.source, &d.disk_id, d.size, d.block_size);
     let lease = tokio::time::timeout(LEASE_TIMEOUT, slot.lease.clone().lock_owned())
@@ -655,17 +650,12 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         .await
         .map_err(|e| disk_err("opening", &e))?
         .map_err(|e| disk_err("reading the metadata of", &e))?;
-    if let Some(m) = &existing {
-        if m.size != d.size || m.block_size != d.block_size {
-            return Err(ErrorFrame::new(
-                ErrorCode::DiskMismatch,
-                format!(
-                    "disk {} exists with {} bytes and block size {}, not {} and {}",
-                    d.disk_id, m.size, m.block_size, d.size, d.block_size
-                ),
-            ));
-        }
-    }
+    let known = existing.as_ref().map(|m| rules::Known {
+        size: m.size,
+        block_size: m.block_size,
+        agent_run: m.agent_run,
+    });
+    rules::check_shape(known.as_ref(), &d)?;
     let vh = inner
         .volumes
         .ensure(&VolumeRequest {
@@ -738,18 +728,10 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 }
             }
         }
-        let (resume, mut meta) = match existing {
-            Some(m) if distrust.is_some() => (ResumeKind::Resync, m),
-            Some(m) if !created && m.agent_run == run => (ResumeKind::Resume, m),
-            Some(m) if !created => (ResumeKind::Resync, m),
-            _ if created => (
-                ResumeKind::Fresh,
-                DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size),
-            ),
-            _ => (
-                ResumeKind::Resync,
-                DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size),
-            ),
+        let resume = rules::resume_kind(known.as_ref(), created, distrust.is_some(), run);
+        let mut meta = match existing {
+            Some(m) if resume != ResumeKind::Fresh => m,
+            _ => DiskMeta::new(&source, &dd.disk_id, dd.size, dd.block_size),
         };
         if resume != ResumeKind::Resume {
             // A new agent run: its sequence numbers start over, and until its first pass is
@@ -784,89 +766,16 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
     });
     let handle_cell: Arc<Mutex<Option<ApplierHandle>>> = Arc::new(Mutex::new(None));
     let latency = Arc::new(Mutex::new(VecDeque::new()));
-    let events = {
-        let slot = slot.clone();
-        let cell = handle_cell.clone();
-        let latency = latency.clone();
-        let fdatasyncs = m.fdatasyncs.clone();
-        let flush_seconds = m.flush_seconds.clone();
-        let ack_latency = m.ack_latency.clone();
-        let durable_bytes = m.durable_bytes.with_label_values(&labels);
-        let disk_errors = m.disk_errors.with_label_values(&labels);
-        let (src, disk) = (c.source.clone(), d.disk_id.clone());
-        let router = c.markers.clone();
-        move |ev: ApplierEvent| match ev {
-            ApplierEvent::Durable {
-                seq,
-                writes,
-                bytes,
-                flush,
-            } => {
-                if writes > 0 {
-                    fdatasyncs.inc();
-                    flush_seconds.observe(flush.as_secs_f64());
-                }
-                durable_bytes.inc_by(bytes);
-                let now = Instant::now();
-                let completed = slot.status.lock().unwrap().on_durable(seq, bytes, now);
-                // A completed pass is recorded before the ack that ends it: `synced` promises
-                // that the server durably knows the volume is a whole copy, and an agent that saw
-                // its last ack (and exited) must never leave a server that forgets it. One
-                // metadata write per pass, not per flush.
-                if completed {
-                    let pass_seq = seq;
-                    slipway_store::failpoint_pause("pass-completed-before-record");
-                    let handle = cell.lock().unwrap().clone();
-                    if let Some(h) = handle {
-                        if let Err(e) = h.update_meta(|m| {
-                            m.synced = true;
-                            m.pass_seq = pass_seq;
-                        }) {
-                            tracing::warn!(source = %src, disk = %disk, error = %e, "recording the completed pass failed");
-                        }
-                    }
-                }
-                ack_tx.send_modify(|a| a.durable = seq);
-                let mut q = latency.lock().unwrap();
-                while let Some(&(s, t)) = q.front() {
-                    if s > seq {
-                        break;
-                    }
-                    ack_latency.observe(now.duration_since(t).as_secs_f64());
-                    q.pop_front();
-                }
-            }
-            ApplierEvent::MarkerReached { marker_id, .. } => {
-                let waiter = router.lock().unwrap().get(&marker_id).cloned();
-                let delivered =
-                    waiter.is_some_and(|tx| tx.send((disk.clone(), Instant::now())).is_ok());
-                if !delivered {
-                    // Nobody takes a restore point at this marker (a resent or abandoned one):
-                    // let the writer continue at once.
-                    if let Some(h) = cell.lock().unwrap().clone() {
-                        h.release_marker(marker_id);
-                    }
-                }
-            }
-            ApplierEvent::Failed { seq, error, .. } => {
-                disk_errors.inc();
-                tracing::error!(source = %src, disk = %disk, seq, %error, "volume failed; disk is in the error state");
-                slot.status.lock().unwrap().error =
-                    Some(format!("volume failed at seq {seq}: {error}"));
-                ack_tx.send_modify(|a| a.failed = Some(error.clone()));
-            }
-        }
-    };
     let vol: Arc<dyn Volume> = Arc::new(vol);
     let config = ApplierConfig {
         changes_path: Some(inner.changes_path(&c.source, &d.disk_id)),
         capture_memory_bytes: inner.settings.capture_memory_bytes,
-        spill_dir: Some(inner.settings.data_dir.join("spill")),
+        spill_dir: Some(inner.settings.spill_dir.clone()),
         ..ApplierConfig::default()
     };
     let meta2 = meta.clone();
-    let applier =
-        tokio::task::spawn_blocking(move || Applier::start(vol, meta2, meta_path, config, events))
+    let (applier, events) =
+        tokio::task::spawn_blocking(move || Applier::start(vol, meta2, meta_path, config))
             .await
             .map_err(|e| {
                 ErrorFrame::new(ErrorCode::Internal, format!("starting the applier: {e}"))
@@ -875,6 +784,23 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
                 ErrorFrame::new(ErrorCode::DiskError, format!("starting the applier: {e}"))
             })?;
     *handle_cell.lock().unwrap() = Some(applier.handle());
+    let events_task = tokio::spawn(disk_events(
+        DiskEvents {
+            slot: slot.clone(),
+            cell: handle_cell.clone(),
+            latency: latency.clone(),
+            ack_tx,
+            router: c.markers.clone(),
+            fdatasyncs: m.fdatasyncs.clone(),
+            flush_seconds: m.flush_seconds.clone(),
+            ack_latency: m.ack_latency.clone(),
+            durable_bytes: m.durable_bytes.with_label_values(&labels),
+            disk_errors: m.disk_errors.with_label_values(&labels),
+            source: c.source.clone(),
+            disk: d.disk_id.clone(),
+        },
+        events,
+    ));
     {
         let mut st = slot.status.lock().unwrap();
         let now = Instant::now();
@@ -912,6 +838,7 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         latency,
         bound: AtomicBool::new(false),
         lease: Mutex::new(Some(Arc::new(lease))),
+        events_task: Mutex::new(Some(events_task)),
         hashing: AtomicBool::new(false),
         received_bytes: m.received_bytes.with_label_values(&labels),
         received_writes: m.received_writes.with_label_values(&labels),
@@ -924,6 +851,97 @@ async fn open_disk(c: &Arc<Conn>, d: DiskOpen) -> Result<DiskOpened, ErrorFrame>
         resume,
         durable_seq: durable,
     })
+}
+
+/// What the task that polls a disk's applier events works with.
+struct DiskEvents {
+    slot: Arc<DiskSlot>,
+    cell: Arc<Mutex<Option<ApplierHandle>>>,
+    latency: Arc<Mutex<VecDeque<(u64, Instant)>>>,
+    ack_tx: watch::Sender<AckState>,
+    router: MarkerRouter,
+    fdatasyncs: prometheus::IntCounter,
+    flush_seconds: prometheus::Histogram,
+    ack_latency: prometheus::Histogram,
+    durable_bytes: prometheus::IntCounter,
+    disk_errors: prometheus::IntCounter,
+    source: String,
+    disk: String,
+}
+
+/// Polls a disk's applier events until the applier stops: metrics, the record of a completed
+/// pass, acks (through the ack writer's `watch`), markers reached (to the restore point that
+/// waits for them). The store only publishes; all of this runs here, off its threads, so a
+/// metadata write never delays a flush.
+async fn disk_events(e: DiskEvents, mut events: slipway_store::ApplierEvents) {
+    while let Some(batch) = events.next_batch().await {
+        for ev in batch {
+            match ev {
+                ApplierEvent::Durable {
+                    seq,
+                    writes,
+                    bytes,
+                    flush,
+                } => {
+                    if writes > 0 {
+                        e.fdatasyncs.inc();
+                        e.flush_seconds.observe(flush.as_secs_f64());
+                    }
+                    e.durable_bytes.inc_by(bytes);
+                    let now = Instant::now();
+                    let completed = e.slot.status.lock().unwrap().on_durable(seq, bytes, now);
+                    // A completed pass is recorded before the ack that ends it: `synced`
+                    // promises that the server durably knows the volume is a whole copy, and
+                    // an agent that saw its last ack (and exited) must never leave a server
+                    // that forgets it. One metadata write per pass, not per flush.
+                    if completed {
+                        let handle = e.cell.lock().unwrap().clone();
+                        if let Some(h) = handle {
+                            let (src, disk) = (e.source.clone(), e.disk.clone());
+                            let _ = tokio::task::spawn_blocking(move || {
+                                slipway_store::failpoint_pause("pass-completed-before-record");
+                                if let Err(err) = h.update_meta(|m| {
+                                    m.synced = true;
+                                    m.pass_seq = seq;
+                                }) {
+                                    tracing::warn!(source = %src, %disk, error = %err, "recording the completed pass failed");
+                                }
+                            })
+                            .await;
+                        }
+                    }
+                    e.ack_tx.send_modify(|a| a.durable = a.durable.max(seq));
+                    let mut q = e.latency.lock().unwrap();
+                    while let Some(&(s, t)) = q.front() {
+                        if s > seq {
+                            break;
+                        }
+                        e.ack_latency.observe(now.duration_since(t).as_secs_f64());
+                        q.pop_front();
+                    }
+                }
+                ApplierEvent::MarkerReached { marker_id, .. } => {
+                    let waiter = e.router.lock().unwrap().get(&marker_id).cloned();
+                    let delivered =
+                        waiter.is_some_and(|tx| tx.send((e.disk.clone(), Instant::now())).is_ok());
+                    if !delivered {
+                        // Nobody takes a restore point at this marker (a resent or abandoned
+                        // one): let the writer continue at once.
+                        if let Some(h) = e.cell.lock().unwrap().clone() {
+                            h.release_marker(marker_id);
+                        }
+                    }
+                }
+                ApplierEvent::Failed { seq, error, .. } => {
+                    e.disk_errors.inc();
+                    tracing::error!(source = %e.source, disk = %e.disk, seq, %error, "volume failed; disk is in the error state");
+                    e.slot.status.lock().unwrap().error =
+                        Some(format!("volume failed at seq {seq}: {error}"));
+                    e.ack_tx.send_modify(|a| a.failed = Some(error.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// What a queued op without payload (WriteZeroes, Marker) is charged against the queue
@@ -1051,20 +1069,26 @@ async fn receive_writes(
 ) -> Result<u64, ErrorFrame> {
     let inner = &c.inner;
     let h = disk.handle;
-    let mut last_seq = disk.start_seq;
+    let mut rules = StreamRules {
+        handle: h,
+        size: disk.size,
+        block_size: disk.block_size,
+        max_write: inner.settings.max_write,
+        last_seq: disk.start_seq,
+    };
     let max_body = slipway_proto::MAX_BODY_LEN;
     loop {
         let frame = match read_frame_with(recv, max_body, c.lz4, inner.settings.frame_timeout).await
         {
             Ok(Some(f)) => f,
-            Ok(None) => return Ok(last_seq),
+            Ok(None) => return Ok(rules.last_seq),
             Err(FrameIoError::Decode(e)) => {
                 return Err(ErrorFrame::for_disk(ErrorCode::from(&e), h, e.to_string()))
             }
             Err(e @ FrameIoError::Stalled(_)) => {
                 return Err(ErrorFrame::for_disk(ErrorCode::Malformed, h, e.to_string()))
             }
-            Err(_) => return Ok(last_seq), // connection or stream gone: nothing to answer
+            Err(_) => return Ok(rules.last_seq), // connection or stream gone: nothing to answer
         };
         if let Some(err) = &disk.acks.borrow().failed {
             return Err(ErrorFrame::for_disk(
@@ -1073,53 +1097,11 @@ async fn receive_writes(
                 format!("disk is in the error state: {err}"),
             ));
         }
-        let (seq, handle) = match &frame {
-            Frame::Write(w) => (w.seq, w.handle),
-            Frame::WriteZeroes(z) => (z.seq, z.handle),
-            Frame::Marker(m) => (m.seq, m.handle),
-            other => {
-                return Err(ErrorFrame::for_disk(
-                    ErrorCode::Malformed,
-                    h,
-                    format!("{:?} is not allowed on a disk stream", other.frame_type()),
-                ))
-            }
+        let accepted = rules.on_frame(&frame)?;
+        let (seq, len) = match accepted {
+            Accepted::Write { seq, len, .. } | Accepted::Zeroes { seq, len, .. } => (seq, len),
+            Accepted::Marker { seq, .. } => (seq, 0),
         };
-        if handle != h {
-            return Err(ErrorFrame::for_disk(
-                ErrorCode::UnknownDisk,
-                h,
-                format!("frame names handle {handle} on the stream of handle {h}"),
-            ));
-        }
-        if seq <= last_seq {
-            return Err(ErrorFrame::for_disk(
-                ErrorCode::BadSequence,
-                h,
-                format!("sequence {seq} is not above {last_seq}"),
-            ));
-        }
-        let (offset, len) = match &frame {
-            Frame::Write(w) => (w.offset, w.data.len() as u64),
-            Frame::WriteZeroes(z) => (z.offset, z.len),
-            _ => (0, 0),
-        };
-        if !matches!(frame, Frame::Marker(_)) {
-            check_range(disk, offset, len)?;
-            if let Frame::Write(w) = &frame {
-                if w.data.len() as u32 > inner.settings.max_write {
-                    return Err(ErrorFrame::for_disk(
-                        ErrorCode::TooLarge,
-                        h,
-                        format!(
-                            "write of {} bytes exceeds max_write {}",
-                            w.data.len(),
-                            inner.settings.max_write
-                        ),
-                    ));
-                }
-            }
-        }
         if let Some(t) = &inner.throttle {
             let wire = len.min(slipway_proto::MAX_BODY_LEN as u64) + 36;
             let waited = t
@@ -1134,7 +1116,6 @@ async fn receive_writes(
                 .throttle_wait_seconds
                 .inc_by(waited.as_secs_f64());
         }
-        last_seq = seq;
         let op = match frame {
             Frame::Write(w) => {
                 let n = w.data.len() as u32;
@@ -1187,29 +1168,6 @@ async fn receive_writes(
     }
 }
 
-fn check_range(disk: &OpenDisk, offset: u64, len: u64) -> Result<(), ErrorFrame> {
-    let h = disk.handle;
-    let bs = disk.block_size as u64;
-    if len == 0 || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-        return Err(ErrorFrame::for_disk(
-            ErrorCode::Misaligned,
-            h,
-            format!("write of {len} bytes at {offset} is not a non-empty multiple of the block size {bs}"),
-        ));
-    }
-    match offset.checked_add(len) {
-        Some(end) if end <= disk.size => Ok(()),
-        _ => Err(ErrorFrame::for_disk(
-            ErrorCode::OutOfBounds,
-            h,
-            format!(
-                "write of {len} bytes at {offset} ends past the disk's {} bytes",
-                disk.size
-            ),
-        )),
-    }
-}
-
 /// Sends cumulative acks as the durable position moves; sends the refusal if the reader hit one.
 /// After a clean end of the stream it keeps acking until everything queued is durable, then
 /// finishes; it never outlives the connection.
@@ -1220,11 +1178,10 @@ async fn ack_writer(
     handle: u32,
     conn: quinn::Connection,
 ) {
-    let mut sent = acks.borrow().durable;
+    let mut rules = AckRules::new(handle, acks.borrow().durable);
     let mut reader_open = true;
-    let mut drain_to: Option<u64> = None;
     loop {
-        if drain_to.is_some_and(|last| sent >= last) {
+        if rules.done() {
             break;
         }
         tokio::select! {
@@ -1233,9 +1190,8 @@ async fn ack_writer(
                     break;
                 }
                 let st = acks.borrow_and_update().clone();
-                if st.durable > sent {
-                    sent = st.durable;
-                    if write_frame(&mut send, &Frame::Ack(slipway_proto::Ack { handle, seq: sent })).await.is_err() {
+                if let Some(ack) = rules.on_durable(st.durable) {
+                    if write_frame(&mut send, &Frame::Ack(ack)).await.is_err() {
                         return;
                     }
                 }
@@ -1247,7 +1203,7 @@ async fn ack_writer(
             r = &mut reader, if reader_open => {
                 reader_open = false;
                 match r {
-                    Ok(Ok(last)) => drain_to = Some(last),
+                    Ok(Ok(last)) => rules.on_reader_end(last),
                     Ok(Err(e)) => {
                         let _ = write_frame(&mut send, &Frame::Error(e)).await;
                         break;
@@ -1275,6 +1231,14 @@ async fn cleanup(c: &Arc<Conn>) {
                 Ok(Err(e)) => tracing::warn!(disk = %d.slot.disk, error = %e, "closing disk"),
                 Err(e) => tracing::warn!(disk = %d.slot.disk, error = %e, "closing disk"),
             }
+        }
+        // The applier's threads are joined, so its event channel is closing: let the poller
+        // handle the last events (a pass record, a failure) before anything of a successor
+        // session can exist — it must not write this disk's metadata or status after the
+        // lease goes.
+        let task = d.events_task.lock().unwrap().take();
+        if let Some(t) = task {
+            let _ = t.await;
         }
         d.handle_cell.lock().unwrap().take();
         {

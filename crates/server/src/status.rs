@@ -265,6 +265,10 @@ pub struct SourceReport {
     /// Age of the newest restore point (the recovery point objective).
     #[serde(default)]
     pub newest_restore_point_age_seconds: Option<f64>,
+    /// The bandwidth limit the settings push to the source's agent, Mbit/s (none: unlimited
+    /// by the server; the agent may have its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit_mbps: Option<f64>,
 }
 
 /// The whole server in `slipway status --json`.
@@ -281,6 +285,9 @@ pub struct StatusReport {
     /// EBS attachment slots (used, limit), on a backend with such a limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment_slots: Option<(u32, u32)>,
+    /// Fingerprint of the settings file the server runs with (`settings_sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings_sha256: Option<String>,
     pub sources: Vec<SourceReport>,
 }
 

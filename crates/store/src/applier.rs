@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -150,7 +150,57 @@ impl Default for ApplierConfig {
     }
 }
 
-type EventFn = Box<dyn Fn(ApplierEvent) + Send + Sync>;
+/// The receiving end of an applier's events, polled by its owner.
+///
+/// Data flows one way: the applier's threads publish what happened (durable positions,
+/// markers reached, a failure) and never run their owner's code; the owner polls when it is
+/// ready, in its own task, and does its own work there (metrics, metadata records, acks). So
+/// nothing of the owner — least of all a metadata fsync — can delay the next flush. The
+/// channel closes once the applier has stopped (closed or dropped) and every event is out.
+pub struct ApplierEvents {
+    rx: tokio::sync::mpsc::UnboundedReceiver<ApplierEvent>,
+}
+
+impl ApplierEvents {
+    /// Every event published since the last poll, in order; waits for at least one.
+    /// `None`: the applier has stopped and nothing is left.
+    pub async fn next_batch(&mut self) -> Option<Vec<ApplierEvent>> {
+        let first = self.rx.recv().await?;
+        let mut batch = vec![first];
+        while let Ok(e) = self.rx.try_recv() {
+            batch.push(e);
+        }
+        Some(batch)
+    }
+
+    /// The next event, blocking the calling thread (not for async code). `None`: stopped.
+    pub fn blocking_next(&mut self) -> Option<ApplierEvent> {
+        self.rx.blocking_recv()
+    }
+}
+
+/// The publishing end, dropped when the applier stops so its owner sees the end.
+type EventTx = Mutex<Option<tokio::sync::mpsc::UnboundedSender<ApplierEvent>>>;
+
+/// Held by each of the applier's threads: the last one to stop closes the event channel, so
+/// the owner's poll ends whether the applier was closed or dropped, and whatever handles
+/// remain.
+struct Publisher(Arc<Shared>);
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if self.0.publishers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.events.lock().unwrap().take();
+        }
+    }
+}
+
+fn publish(s: &Shared, e: ApplierEvent) {
+    if let Some(tx) = s.events.lock().unwrap().as_ref() {
+        // An owner that stopped polling has let go of the applier: nothing to tell.
+        let _ = tx.send(e);
+    }
+}
 
 struct Shared {
     vol: Arc<dyn Volume>,
@@ -164,7 +214,9 @@ struct Shared {
     /// Wakes the metadata thread: a newer durable position to write, or closing.
     meta_sync: Mutex<MetaSync>,
     meta_cv: Condvar,
-    events: EventFn,
+    events: EventTx,
+    /// Threads still running that may publish (see [`Publisher`]).
+    publishers: AtomicUsize,
     config: ApplierConfig,
     changes: Mutex<ChangeMap>,
     capture: Mutex<Option<Arc<Capture>>>,
@@ -176,6 +228,12 @@ struct State {
     durable: u64,
     writes_since: u64,
     bytes_since: u64,
+    /// Highest position a flush has been started for (in flight or done).
+    flushing_to: u64,
+    /// Tickets of flushes in start order: a flush publishes only after every flush started
+    /// before it has (`published` is the next ticket allowed to).
+    next_ticket: u64,
+    published: u64,
     failed: bool,
     closing: bool,
     /// The owner is closing: a writer held at a marker stops waiting for its release.
@@ -562,20 +620,21 @@ pub struct Applier {
     tx: Option<mpsc::Sender<Op>>,
     handle: ApplierHandle,
     writer: Option<JoinHandle<()>>,
-    flusher: Option<JoinHandle<()>>,
+    flushers: Vec<JoinHandle<()>>,
     meta_writer: Option<JoinHandle<()>>,
 }
 
 impl Applier {
     /// Starts the threads. `meta` is the disk's current metadata (its `durable_seq` is the
-    /// starting point) and is rewritten at `meta_path`.
+    /// starting point) and is rewritten at `meta_path`. What happens is published on the
+    /// returned [`ApplierEvents`], which the owner polls.
     pub fn start(
         vol: Arc<dyn Volume>,
         meta: DiskMeta,
         meta_path: PathBuf,
         config: ApplierConfig,
-        events: impl Fn(ApplierEvent) + Send + Sync + 'static,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<(Self, ApplierEvents), StoreError> {
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let start = meta.durable_seq;
         let changes = match &config.changes_path {
             Some(p) => {
@@ -591,6 +650,7 @@ impl Applier {
             state: Mutex::new(State {
                 written: start,
                 durable: start,
+                flushing_to: start,
                 ..Default::default()
             }),
             cv: Condvar::new(),
@@ -599,7 +659,8 @@ impl Applier {
             store_lock: Mutex::new(()),
             meta_sync: Mutex::new(MetaSync::default()),
             meta_cv: Condvar::new(),
-            events: Box::new(events),
+            events: Mutex::new(Some(events_tx)),
+            publishers: AtomicUsize::new(2 + FLUSHERS),
             config,
             changes: Mutex::new(changes),
             capture: Mutex::new(None),
@@ -612,25 +673,59 @@ impl Applier {
         };
         let writer = std::thread::Builder::new()
             .name(format!("wr {name}"))
-            .spawn(move || writer_loop(s, rx))
+            .spawn(move || {
+                let _p = Publisher(s.clone());
+                writer_loop(s, rx)
+            })
             .expect("spawning writer thread");
-        let s = shared.clone();
-        let flusher = std::thread::Builder::new()
-            .name(format!("fl {name}"))
-            .spawn(move || flusher_loop(s))
-            .expect("spawning flusher thread");
+        let mut flushers = Vec::with_capacity(FLUSHERS);
+        for i in 0..FLUSHERS {
+            let s = shared.clone();
+            // Each flusher its own descriptor (see `Volume::flush_handle`).
+            let own = match s.vol.flush_handle() {
+                Ok(h) => h,
+                Err(e) => {
+                    // Stop what already runs: the writer ends when the channel closes, the
+                    // flushers and the metadata thread on `closing`.
+                    drop(tx);
+                    s.state.lock().unwrap().closing = true;
+                    s.cv.notify_all();
+                    s.meta_sync.lock().unwrap().closing = true;
+                    s.meta_cv.notify_all();
+                    return Err(StoreError::Io {
+                        what: format!("opening a flush handle of {}", s.vol.describe()),
+                        source: e,
+                    });
+                }
+            };
+            flushers.push(
+                std::thread::Builder::new()
+                    .name(format!("fl{i} {name}"))
+                    .spawn(move || {
+                        let _p = Publisher(s.clone());
+                        flusher_loop(s, own)
+                    })
+                    .expect("spawning flusher thread"),
+            );
+        }
         let s = shared.clone();
         let meta_writer = std::thread::Builder::new()
             .name(format!("md {name}"))
-            .spawn(move || meta_loop(s))
+            .spawn(move || {
+                let _p = Publisher(s.clone());
+                meta_loop(s)
+            })
             .expect("spawning metadata thread");
-        Ok(Applier {
-            tx: Some(tx),
-            handle: ApplierHandle { shared },
-            writer: Some(writer),
-            flusher: Some(flusher),
-            meta_writer: Some(meta_writer),
-        })
+        Ok((
+            Applier {
+                tx: Some(tx),
+                handle: ApplierHandle { shared },
+                writer: Some(writer),
+                flushers,
+                meta_writer: Some(meta_writer),
+            },
+            ApplierEvents { rx: events_rx },
+        ))
     }
 
     pub fn handle(&self) -> ApplierHandle {
@@ -673,7 +768,7 @@ impl Applier {
             st.closing = true;
         }
         self.handle.shared.cv.notify_all();
-        if let Some(f) = self.flusher.take() {
+        for f in self.flushers.drain(..) {
             let _ = f.join();
         }
         self.handle.shared.meta_sync.lock().unwrap().closing = true;
@@ -703,13 +798,17 @@ fn fail(s: &Shared, seq: u64, e: &std::io::Error) {
         return;
     }
     st.failed = true;
+    // Published under the state lock, as every event is: in the order the state changed.
+    publish(
+        s,
+        ApplierEvent::Failed {
+            seq,
+            errno: e.raw_os_error(),
+            error: e.to_string(),
+        },
+    );
     drop(st);
     s.cv.notify_all();
-    (s.events)(ApplierEvent::Failed {
-        seq,
-        errno: e.raw_os_error(),
-        error: e.to_string(),
-    });
 }
 
 fn writer_loop(s: Arc<Shared>, rx: mpsc::Receiver<Op>) {
@@ -795,9 +894,8 @@ fn hold_at_marker(s: &Shared, seq: u64, marker_id: u64) -> Hold {
     if st.failed || st.durable < seq {
         return Hold::Released;
     }
-    drop(st);
-    (s.events)(ApplierEvent::MarkerReached { marker_id, seq });
-    let mut st = s.state.lock().unwrap();
+    // Under the state lock: after the Durable event that covers the marker.
+    publish(s, ApplierEvent::MarkerReached { marker_id, seq });
     while !st.released.contains(&marker_id) && !st.failed && !st.closing && !st.abandon {
         st = s.cv.wait(st).unwrap();
     }
@@ -812,16 +910,29 @@ fn hold_at_marker(s: &Shared, seq: u64, marker_id: u64) -> Hold {
     }
 }
 
-fn flusher_loop(s: Arc<Shared>) {
+/// Flushes in flight at once per disk. With one, a write that lands just after a flush began
+/// waits for that flush and the whole next one (up to two `fdatasync`s); with two, the next
+/// flush starts at once and covers it (about one). More buys nothing on one device queue.
+const FLUSHERS: usize = 2;
+
+/// One of the disk's [`FLUSHERS`] flusher threads. Each snapshots the written position, flushes,
+/// and publishes that snapshot as durable — in the order the flushes *started*, so durable
+/// positions (and their events) only move forward and a flush never claims writes it did not
+/// cover: every write up to its snapshot had returned from `pwrite` before its `fdatasync`
+/// began.
+fn flusher_loop(s: Arc<Shared>, own: Option<Box<dyn crate::volume::FlushHandle>>) {
     loop {
         let mut st = s.state.lock().unwrap();
-        while st.written <= st.durable && !st.closing && !st.failed {
+        while st.written <= st.flushing_to && !st.closing && !st.failed {
             st = s.cv.wait(st).unwrap();
         }
-        if st.failed || st.written <= st.durable {
+        if st.failed || st.written <= st.flushing_to {
             return; // closing with nothing left, or stopped by a failure
         }
         let target = st.written;
+        st.flushing_to = target;
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
         let writes = std::mem::take(&mut st.writes_since);
         let bytes = std::mem::take(&mut st.bytes_since);
         drop(st);
@@ -830,28 +941,43 @@ fn flusher_loop(s: Arc<Shared>) {
         // `skip-fdatasync`: a deliberately broken build for the power-cut harness
         // (tests/e2e/powercut.rs), which must catch it losing acknowledged writes.
         if writes > 0 && !crate::failpoint_active("skip-fdatasync") {
-            if let Err(e) = s.vol.flush() {
+            let r = match &own {
+                Some(h) => h.flush(),
+                None => s.vol.flush(),
+            };
+            if let Err(e) = r {
                 fail(&s, target, &e);
                 return;
             }
         }
         let flush = t.elapsed();
-        {
-            let mut st = s.state.lock().unwrap();
-            st.durable = target;
+        // Wait for the flushes started earlier to publish theirs.
+        let mut st = s.state.lock().unwrap();
+        while st.published != ticket && !st.failed {
+            st = s.cv.wait(st).unwrap();
         }
-        s.cv.notify_all();
+        if st.failed {
+            return;
+        }
         {
             let mut m = s.meta.lock().unwrap();
-            m.durable_seq = target;
+            m.durable_seq = m.durable_seq.max(target);
             m.replicated_bytes += bytes;
         }
-        (s.events)(ApplierEvent::Durable {
-            seq: target,
-            writes,
-            bytes,
-            flush,
-        });
+        st.durable = st.durable.max(target);
+        st.published += 1;
+        // Under the state lock: events leave in the order the state changed.
+        publish(
+            &s,
+            ApplierEvent::Durable {
+                seq: target,
+                writes,
+                bytes,
+                flush,
+            },
+        );
+        drop(st);
+        s.cv.notify_all();
         // The metadata file is written by its own thread: its fsyncs (file and directory)
         // must not delay the next fdatasync, which every waiting ack depends on. Woken only
         // when there was nothing to write yet (it rate-limits itself).
@@ -919,10 +1045,9 @@ mod tests {
         config: ApplierConfig,
     ) -> (Applier, Receiver<ApplierEvent>) {
         let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
         let mut meta = DiskMeta::new("s", "d", vol.size(), 512);
         meta.durable_seq = durable;
-        let a = Applier::start(
+        let (a, mut events) = Applier::start(
             vol,
             meta,
             dir.join("d.meta.json"),
@@ -931,11 +1056,16 @@ mod tests {
                 changes_path: Some(dir.join("d.changes")),
                 ..config
             },
-            move |e| {
-                let _ = tx.lock().unwrap().send(e);
-            },
         )
         .unwrap();
+        // The owner's poll, as a thread: the tests wait on events with timeouts.
+        std::thread::spawn(move || {
+            while let Some(e) = events.blocking_next() {
+                if tx.send(e).is_err() {
+                    return;
+                }
+            }
+        });
         (a, rx)
     }
 
@@ -957,6 +1087,48 @@ mod tests {
             if done {
                 return seen;
             }
+        }
+    }
+
+    /// The event channel ends once the applier has stopped, closed or merely dropped, even
+    /// while handles to it live on: an owner's poll never waits forever.
+    #[test]
+    fn events_end_when_the_applier_stops_whatever_handles_remain() {
+        for close in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let vol = Arc::new(MemVolume::new(1 << 20));
+            let (a, mut events) = Applier::start(
+                vol,
+                DiskMeta::new("s", "d", 1 << 20, 512),
+                d.path().join("d.meta.json"),
+                ApplierConfig::default(),
+            )
+            .unwrap();
+            let h = a.handle();
+            a.submit(write(1, 0, 1)).unwrap();
+            if close {
+                a.close().unwrap();
+            } else {
+                drop(a);
+            }
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut seen = vec![];
+                while let Some(e) = events.blocking_next() {
+                    seen.push(e);
+                }
+                let _ = tx.send(seen);
+            });
+            let seen = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the event channel ends");
+            // A closed applier flushed what it had; a dropped one may not have (it stops
+            // without waiting): either way the owner learns exactly what became durable.
+            let reported = seen
+                .iter()
+                .any(|e| matches!(e, ApplierEvent::Durable { seq: 1, .. }));
+            assert_eq!(reported, h.durable_seq() == 1, "close={close}: {seen:?}");
+            assert!(reported || !close, "close={close}: {seen:?}");
         }
     }
 
@@ -1029,6 +1201,124 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(on_disk.durable_seq, 200);
+    }
+
+    /// A volume whose flushes wait until the test lets each one go (by start order).
+    struct GatedVolume {
+        mem: MemVolume,
+        gate: Mutex<Gate>,
+        cv: Condvar,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        started: usize,
+        released: Vec<bool>,
+    }
+
+    impl GatedVolume {
+        fn wait_started(&self, n: usize) -> bool {
+            let g = self.gate.lock().unwrap();
+            let (g, _) = self
+                .cv
+                .wait_timeout_while(g, Duration::from_secs(5), |g| g.started < n)
+                .unwrap();
+            g.started >= n
+        }
+
+        fn release(&self, k: usize) {
+            let mut g = self.gate.lock().unwrap();
+            if g.released.len() <= k {
+                g.released.resize(k + 1, false);
+            }
+            g.released[k] = true;
+            self.cv.notify_all();
+        }
+    }
+
+    impl Volume for GatedVolume {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.mem.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.mem.write_zeroes(offset, len)
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            let mut g = self.gate.lock().unwrap();
+            let k = g.started;
+            g.started += 1;
+            self.cv.notify_all();
+            let _g = self
+                .cv
+                .wait_while(g, |g| !g.released.get(k).copied().unwrap_or(false))
+                .unwrap();
+            // What this flush covers is what was written before it began (MemVolume keeps
+            // pending writes in order; flushing them all is what a device flush does).
+            self.mem.flush()
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    /// A write that lands while a flush runs starts the next flush at once (two in flight),
+    /// and a later flush that finishes first publishes only after the earlier one: durable
+    /// positions only move forward.
+    #[test]
+    fn a_second_flush_overlaps_the_first_and_publishes_after_it() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = Arc::new(GatedVolume {
+            mem: MemVolume::new(1 << 20),
+            gate: Mutex::new(Gate::default()),
+            cv: Condvar::new(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let (a, mut events) = Applier::start(
+            vol.clone(),
+            DiskMeta::new("s", "d", 1 << 20, 512),
+            d.path().join("d.meta.json"),
+            ApplierConfig::default(),
+        )
+        .unwrap();
+        std::thread::spawn(move || {
+            while let Some(e) = events.blocking_next() {
+                let _ = tx.send(e);
+            }
+        });
+        a.submit(write(1, 0, 1)).unwrap();
+        assert!(vol.wait_started(1), "the first flush starts");
+        a.submit(write(2, 512, 2)).unwrap();
+        assert!(
+            vol.wait_started(2),
+            "a second flush starts while the first is still running"
+        );
+        // The second finishes first: nothing may be reported before the first is done.
+        vol.release(1);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a later flush published before an earlier one"
+        );
+        vol.release(0);
+        let mut seqs = vec![];
+        while seqs.last() != Some(&2) {
+            match rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("durable events")
+            {
+                ApplierEvent::Durable { seq, .. } => seqs.push(seq),
+                e => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(seqs, vec![1, 2]);
+        vol.release(2);
+        vol.release(3);
+        a.close().unwrap();
     }
 
     /// Crash at every point of a sequence: whatever was reported durable before the cut is in

@@ -23,9 +23,9 @@ pub mod meta;
 pub mod snapshot;
 pub mod volume;
 
-pub use applier::{Applier, ApplierEvent, ApplierHandle, Op};
+pub use applier::{Applier, ApplierEvent, ApplierEvents, ApplierHandle, Op};
 pub use meta::DiskMeta;
-pub use volume::{FileVolume, Volume};
+pub use volume::{FileVolume, FlushHandle, Volume};
 
 /// Crash-test hook: when the environment variable `SLIPWAY_FAILPOINT` equals `name`, the
 /// process aborts right here — a `kill -9` at an exact, otherwise unreachable moment. Costs one
@@ -45,7 +45,14 @@ pub fn failpoint_pause(name: &str) {
     if armed() == Some(name) {
         eprintln!("failpoint {name}: pausing {PAUSE:?}");
         std::thread::sleep(PAUSE);
+        eprintln!("failpoint {name}: resuming");
     }
+}
+
+/// Crash-test hook: whether `SLIPWAY_FAILPOINT` equals `name`, for async code that pauses
+/// itself (with the runtime's timer) where [`failpoint_pause`] would block a worker thread.
+pub fn failpoint_armed(name: &str) -> bool {
+    armed() == Some(name)
 }
 
 /// Crash-test hook: whether `SLIPWAY_FAILPOINT` equals `name` (for a failpoint that changes

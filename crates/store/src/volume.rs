@@ -34,8 +34,29 @@ pub trait Volume: Send + Sync + 'static {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Makes every write that completed before this call durable (`fdatasync`).
     fn flush(&self) -> io::Result<()>;
+    /// A handle of its own for a flusher thread, whose [`FlushHandle::flush`] does what
+    /// [`Volume::flush`] does. Linux reports a failed writeback once per open file: two
+    /// `fdatasync`s in flight on one descriptor could share one error between them, one
+    /// failing and the other returning `Ok` for data that never reached the disk. A flusher
+    /// with a descriptor of its own sees every error that happens after it was opened.
+    /// `None` (the default): flushes go through [`Volume::flush`].
+    fn flush_handle(&self) -> io::Result<Option<Box<dyn FlushHandle>>> {
+        Ok(None)
+    }
     /// Human-readable location, for errors and status.
     fn describe(&self) -> String;
+}
+
+/// See [`Volume::flush_handle`].
+pub trait FlushHandle: Send {
+    /// Makes every write to the volume that completed before this call durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+impl FlushHandle for File {
+    fn flush(&self) -> io::Result<()> {
+        self.sync_data()
+    }
 }
 
 /// A volume backed by a regular file or a block device.
@@ -270,6 +291,24 @@ impl Volume for FileVolume {
         self.file.sync_data()
     }
 
+    fn flush_handle(&self) -> io::Result<Option<Box<dyn FlushHandle>>> {
+        // Read-only is enough for fdatasync; the same inode (the volume is never renamed
+        // while open).
+        let f = File::open(&self.path)?;
+        let same = {
+            use std::os::unix::fs::MetadataExt;
+            let (a, b) = (self.file.metadata()?, f.metadata()?);
+            (a.dev(), a.ino()) == (b.dev(), b.ino())
+        };
+        if !same {
+            return Err(io::Error::other(format!(
+                "{} is no longer the volume this server opened",
+                self.path.display()
+            )));
+        }
+        Ok(Some(Box::new(f)))
+    }
+
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
@@ -417,6 +456,45 @@ impl Volume for MemVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each flusher gets a descriptor of its own on the same file (its own writeback-error
+    /// tracking), and a path that no longer names the volume is refused, not flushed.
+    #[test]
+    fn flush_handles_are_own_descriptors_of_the_same_file() {
+        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::io::AsRawFd;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("v.raw");
+        let (v, _) = FileVolume::open_or_create(&p, 1 << 20).unwrap();
+        let a = v
+            .flush_handle()
+            .unwrap()
+            .expect("a file volume gives handles");
+        let b = v
+            .flush_handle()
+            .unwrap()
+            .expect("a file volume gives handles");
+        v.write_at(&[7u8; 4096], 0).unwrap();
+        a.flush().unwrap();
+        b.flush().unwrap();
+        // Distinct open files of the volume's inode: /proc shows two new descriptors.
+        let fds: Vec<_> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::metadata(e.path()).ok())
+            .filter(|m| m.ino() == v.file.metadata().unwrap().ino())
+            .collect();
+        assert!(
+            fds.len() >= 3,
+            "the volume's own and two handles: {}",
+            fds.len()
+        );
+        assert!(v.file.as_raw_fd() >= 0);
+        // Swapped under the server: refused.
+        std::fs::rename(&p, d.path().join("old.raw")).unwrap();
+        std::fs::write(&p, b"other").unwrap();
+        assert!(v.flush_handle().is_err());
+    }
 
     #[test]
     fn a_file_volume_keeps_its_stamp_durably() {

@@ -4,7 +4,7 @@
 use aws_sdk_ebs::types::ChecksumAlgorithm;
 use aws_smithy_types::byte_stream::ByteStream;
 use sha2::{Digest, Sha256};
-use slipway_server::backend::SnapshotBackend;
+use slipway_backend::SnapshotBackend;
 
 use crate::support::{fast_settings, MotoEnv};
 

@@ -1,4 +1,5 @@
-//! deploy/iam-policy.json parses, and grants every action the backend calls, each scoped.
+//! deploy/iam-policy.json parses, and grants every action the backend calls, each scoped, and
+//! what Session Manager needs (operators have no other way onto a server: no key pair, no SSH).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -19,6 +20,24 @@ const CALLED: &[&str] = &[
     "ebs:ListSnapshotBlocks",
     "ebs:GetSnapshotBlock",
     "ebs:ListChangedBlocks",
+];
+
+/// What the SSM agent needs for Session Manager (the session part of
+/// AmazonSSMManagedInstanceCore): register the instance, open the session channels, and the
+/// message service older agents poll. None of them takes a resource or condition key that
+/// would narrow it to this instance.
+const SESSION_MANAGER: &[&str] = &[
+    "ssm:UpdateInstanceInformation",
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint",
+    "ec2messages:GetMessages",
+    "ec2messages:SendReply",
 ];
 
 fn policy() -> serde_json::Value {
@@ -56,7 +75,10 @@ fn iam_policy_is_valid_and_least_privilege() {
         // are read-only. Everything else names resource types and carries a condition.
         if resources == ["*"] {
             assert!(
-                actions.iter().all(|a| a.starts_with("ec2:Describe")),
+                actions.iter().all(|a| a.starts_with("ec2:Describe"))
+                    || actions
+                        .iter()
+                        .all(|a| SESSION_MANAGER.contains(&a.as_str())),
                 "{sid}"
             );
         } else {
@@ -66,10 +88,46 @@ fn iam_policy_is_valid_and_least_privilege() {
     for a in CALLED {
         assert!(granted.contains(*a), "{a} is called but not granted");
     }
+    for a in SESSION_MANAGER {
+        assert!(
+            granted.contains(*a),
+            "{a} is not granted: operators could not open a Session Manager shell"
+        );
+    }
     for a in &granted {
         assert!(
-            CALLED.contains(&a.as_str()) || a.starts_with("kms:"),
+            CALLED.contains(&a.as_str())
+                || SESSION_MANAGER.contains(&a.as_str())
+                || a.starts_with("kms:"),
             "{a} is granted but never called"
         );
     }
+}
+
+/// The statements that let the server attach its identity volume and tag its own instance
+/// with its fingerprint: granted, and only that.
+#[test]
+fn iam_policy_lets_the_server_attach_its_identity_volume_and_publish_its_fingerprint() {
+    let p = policy();
+    let statements = p["Statement"].as_array().unwrap();
+    let find = |sid: &str| {
+        statements
+            .iter()
+            .find(|s| s["Sid"] == sid)
+            .unwrap_or_else(|| panic!("no statement {sid}"))
+    };
+    let attach = find("AttachDetachReplicaVolumes");
+    let roles = strings(&attach["Condition"]["StringEquals"]["aws:ResourceTag/slipway:role"]);
+    assert!(roles.contains(&"identity".to_string()), "{roles:?}");
+    let tag = find("PublishTlsFingerprintOnReplicationServers");
+    assert_eq!(strings(&tag["Action"]), ["ec2:CreateTags"]);
+    assert_eq!(strings(&tag["Resource"]), ["arn:aws:ec2:*:*:instance/*"]);
+    assert_eq!(
+        strings(&tag["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]),
+        [slipway_aws::tags::TLS_FINGERPRINT]
+    );
+    assert_eq!(
+        tag["Condition"]["StringEquals"]["aws:ResourceTag/slipway:role"],
+        "replication-server"
+    );
 }

@@ -4,9 +4,11 @@
 
 mod support;
 
+mod budget;
 mod ebs_direct;
 mod iam;
 mod identity;
+mod identity_volume;
 mod mocks;
 mod retries;
 mod snapshots;

@@ -29,7 +29,7 @@ use aws_smithy_types::error::ErrorMetadata;
 use aws_smithy_types::retry::RetryConfig;
 use sha2::{Digest, Sha256};
 use slipway_aws::{AwsBackend, AwsSettings, FileMap, InstanceIdentity};
-use slipway_server::backend::{
+use slipway_backend::{
     BackendError, SnapshotBackend, SnapshotRequest, VolumeBackend, VolumeRequest,
 };
 
@@ -417,8 +417,13 @@ async fn can_snapshot_with(
             .build()
     });
     let snaps = mock!(Ec2::describe_snapshots)
+        // The pending counts come from the one DescribeSnapshots of this server's restore
+        // points that serves every source.
         .match_requests(|r| {
-            r.owner_ids() == ["self"] && r.filters().iter().any(|f| f.name() == Some("status"))
+            r.owner_ids() == ["self"]
+                && r.filters()
+                    .iter()
+                    .any(|f| f.name() == Some("tag:slipway:server"))
         })
         .then_output(move || snapshots_of(pending.clone()));
     let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&me, &types, &snaps]);
@@ -541,6 +546,58 @@ async fn a_refused_snapshot_is_snapshots_pending_and_leaves_nothing_behind() {
         delete.num_calls(),
         1,
         "the snapshot that was made is deleted again"
+    );
+}
+
+/// A restore point one of whose snapshots an image uses (a launch registered it): EC2 refuses
+/// that DeleteSnapshot with `InvalidSnapshot.InUse`. The other snapshot is still deleted and
+/// the restore point is reported in use (kept, retried later), not as a failure.
+#[tokio::test]
+async fn a_snapshot_in_use_by_an_image_is_kept_and_the_restore_point_reported_in_use() {
+    use aws_sdk_ec2::operation::delete_snapshot::DeleteSnapshotError;
+    let dir = tempfile::tempdir().unwrap();
+    let me = describe_me();
+    let snaps = mock!(Ec2::describe_snapshots)
+        .match_requests(|r| {
+            r.filters()
+                .iter()
+                .any(|f| f.name() == Some("tag:slipway:restore-point"))
+        })
+        .then_output(|| {
+            snapshots_of(vec![
+                ("vol-a", SnapshotState::Completed),
+                ("vol-b", SnapshotState::Completed),
+            ])
+        });
+    let in_use = mock!(Ec2::delete_snapshot)
+        .match_requests(|r| r.snapshot_id() == Some("snap-0"))
+        .then_error(|| {
+            DeleteSnapshotError::generic(
+                ErrorMetadata::builder()
+                    .code("InvalidSnapshot.InUse")
+                    .message("The snapshot snap-0 is currently in use by ami-1")
+                    .build(),
+            )
+        });
+    let deleted = mock!(Ec2::delete_snapshot)
+        .match_requests(|r| r.snapshot_id() == Some("snap-1"))
+        .then_output(|| DeleteSnapshotOutput::builder().build());
+    let ec2 = mock_client!(
+        aws_sdk_ec2,
+        RuleMode::MatchAny,
+        [&me, &snaps, &in_use, &deleted]
+    );
+    let b = backend(settings(), ec2, no_ebs(), dir.path()).await;
+    let err = b.delete("rp-1").await.unwrap_err();
+    assert!(
+        matches!(&err, BackendError::InUse(m) if m.contains("snap-0") && !m.contains("snap-1")),
+        "{err:?}"
+    );
+    assert_eq!(in_use.num_calls(), 1);
+    assert_eq!(
+        deleted.num_calls(),
+        1,
+        "the other snapshot is still deleted"
     );
 }
 

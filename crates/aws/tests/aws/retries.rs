@@ -1,7 +1,7 @@
 //! Throttling and 5xx answers injected between the SDK and the emulator.
 
 use slipway_aws::AwsSettings;
-use slipway_server::backend::{
+use slipway_backend::{
     BackendError, SnapshotBackend, SnapshotRequest, VolumeBackend, VolumeRequest,
 };
 
@@ -61,6 +61,17 @@ async fn ensure_and_snapshot_survive_thirty_percent_throttling() {
     let requests = proxy.requests();
     eprintln!("throttling: {injected} of {requests} requests answered with an error and retried");
     assert!(requests >= 20, "{requests}");
+    // The backend's interceptor saw every attempt, retries included: each injected error as
+    // throttled (RequestLimitExceeded) or server_error (Unavailable), each forwarded one ok.
+    let m = b.api_metrics();
+    let sum = |outcome: &str| m.outcome_total(outcome);
+    let (throttled, server_error) = (sum("throttled"), sum("server_error"));
+    assert!(
+        throttled > 0 && server_error > 0,
+        "{throttled} {server_error}"
+    );
+    assert_eq!((throttled + server_error) as usize, injected);
+    assert_eq!(sum("ok") as usize + injected, requests);
     assert!(
         injected * 100 >= requests * 15 && injected * 100 <= requests * 45,
         "{injected} of {requests}"
@@ -89,7 +100,7 @@ async fn retries_run_out_as_unavailable() {
     let err = throttled.unwrap_err();
     assert!(
         matches!(
-            slipway_server::backend::BackendError::from(err.clone()),
+            slipway_backend::BackendError::from(err.clone()),
             BackendError::Unavailable(_)
         ),
         "{err}"

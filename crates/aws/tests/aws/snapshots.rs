@@ -1,6 +1,6 @@
 //! Restore points as EBS snapshots against the emulator.
 
-use slipway_server::backend::{SnapshotBackend, SnapshotRequest, VolumeBackend, VolumeRequest};
+use slipway_backend::{SnapshotBackend, SnapshotRequest, VolumeBackend, VolumeRequest};
 
 use crate::support::{fast_settings, tag_map, MotoEnv, GIB};
 
@@ -23,7 +23,10 @@ async fn restore_points_are_created_listed_and_deleted() {
     let env = MotoEnv::start().await;
     let mut settings = fast_settings();
     settings.tags.insert("team".into(), "dr".into());
-    let b = env.backend(settings).await;
+    let describe_interval = settings.describe_interval;
+    let clock = std::sync::Arc::new(slipway_aws::ManualClock::default());
+    let mut b = env.backend(settings).await;
+    b.set_clock(clock.clone());
     let server = env.identity.instance_id.clone();
     let vreq = |s: &str, d: &str| VolumeRequest {
         source: s.into(),
@@ -106,6 +109,12 @@ async fn restore_points_are_created_listed_and_deleted() {
     assert_eq!(list[0].snapshots.len(), 2);
     assert_eq!(list[0].snapshots[0].disk, "disk-a");
     assert_eq!(list[0].snapshots[0].snapshot_id, made[0].snapshot_id);
+    // Listed from the shared cache: what this process created shows as `pending` until the
+    // next DescribeSnapshots, one `describe_interval` later.
+    assert_eq!(list[0].snapshots[0].state, "pending");
+    clock.advance(describe_interval);
+    let list = b.list(Some("src-1")).await.unwrap();
+    assert_eq!(list.len(), 2);
     assert_eq!(
         list[0].snapshots[0].state, "completed",
         "moto completes at once"

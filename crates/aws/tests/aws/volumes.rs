@@ -2,7 +2,7 @@
 
 use aws_sdk_ec2::types::{VolumeAttachmentState, VolumeType};
 use slipway_aws::AwsSettings;
-use slipway_server::backend::{BackendError, VolumeBackend, VolumeRequest};
+use slipway_backend::{BackendError, VolumeBackend, VolumeRequest};
 
 use crate::support::{fast_settings, tag_map, MotoEnv, GIB};
 
@@ -216,12 +216,39 @@ async fn a_replica_attached_to_a_running_server_is_not_taken() {
         ..fast_settings()
     };
     let first = env.backend(settings.clone()).await;
-    first.ensure(&req("src-1", "disk-a", GIB)).await.unwrap();
+    let held = first.ensure(&req("src-1", "disk-a", GIB)).await.unwrap();
+    // A second replica of the server tag, free (its old server let it go).
+    let free = first.ensure(&req("src-1", "disk-b", GIB)).await.unwrap();
+    env.ec2
+        .detach_volume()
+        .volume_id(&free.volume_id)
+        .instance_id(&env.identity.instance_id)
+        .send()
+        .await
+        .unwrap();
     let second_instance = env.run_instance().await;
+    let second_id = second_instance.instance_id.clone();
     let second = env
         .backend_for(settings, second_instance, env.sdk.clone())
         .await;
-    let err = second.adopt().await.unwrap_err();
+    // Adoption goes volume by volume: the free one is adopted, the held one is left where it
+    // is (and reported), and adoption as a whole does not fail.
+    let adopted = second.adopt().await.unwrap();
+    let ids: Vec<&str> = adopted.iter().map(|h| h.volume_id.as_str()).collect();
+    assert_eq!(ids, [free.volume_id.as_str()]);
+    assert_eq!(
+        env.volume(&held.volume_id).await.attachments()[0].instance_id(),
+        Some(env.identity.instance_id.as_str())
+    );
+    assert_eq!(
+        env.volume(&free.volume_id).await.attachments()[0].instance_id(),
+        Some(second_id.as_str())
+    );
+    // When its agent opens it, the held disk says why.
+    let err = second
+        .ensure(&req("src-1", "disk-a", GIB))
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, BackendError::Permanent(ref m) if m.contains("running")),
         "{err}"
@@ -247,4 +274,37 @@ async fn no_attachment_slot_once_the_limit_is_reached() {
     assert_eq!(env.data_volumes().await.len(), 2);
     // Existing disks still resolve.
     assert!(!b.ensure(&req("s", "d1", GIB)).await.unwrap().created);
+}
+
+/// Two disks opened at once with one attachment slot left: the slot is checked and taken
+/// under the attach lock, so exactly one gets a volume and no volume is created that could not
+/// be attached.
+#[tokio::test]
+async fn the_last_slot_goes_to_one_of_two_disks_opened_at_once() {
+    let env = MotoEnv::start().await;
+    let b = env
+        .backend(AwsSettings {
+            attachment_limit: Some(2),
+            ..fast_settings()
+        })
+        .await;
+    assert_eq!(
+        b.attachment_slots(),
+        Some((1, 2)),
+        "the root volume takes one"
+    );
+    let (q1, q2) = (req("s", "d1", GIB), req("s", "d2", GIB));
+    let (r1, r2) = tokio::join!(b.ensure(&q1), b.ensure(&q2));
+    let oks = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(oks, 1, "{r1:?} {r2:?}");
+    let refused = if r1.is_err() { r1 } else { r2 };
+    assert_eq!(
+        refused.unwrap_err(),
+        BackendError::NoAttachmentSlot { used: 2, limit: 2 }
+    );
+    assert_eq!(
+        env.data_volumes().await.len(),
+        1,
+        "no volume was created that could not be attached"
+    );
 }

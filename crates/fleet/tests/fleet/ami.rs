@@ -137,21 +137,85 @@ fn provision_installs_a_hardened_service_into_a_scratch_root() {
     assert_eq!(one("Service", "NoNewPrivileges"), "yes");
     assert_eq!(one("Service", "ProtectSystem"), "strict");
     assert_eq!(one("Service", "StateDirectory"), "slipway");
+    // Its writable /var/tmp, where the default settings put capture spill files.
+    assert_eq!(one("Service", "PrivateTmp"), "yes");
     assert!(one("Service", "ReadWritePaths").ends_with("/var/lib/slipway"));
     assert!(one("Service", "LimitNOFILE").parse::<u64>().unwrap() >= 65536);
     assert_eq!(one("Service", "StandardOutput"), "journal");
     assert_eq!(one("Service", "CapabilityBoundingSet"), "");
     assert_eq!(one("Install", "WantedBy"), "multi-user.target");
     assert!(get("Unit", "Requires").contains(&"slipway-userdata.service".to_string()));
-    for u in ["slipway.service", "slipway-userdata.service"] {
+    // The data dir is the identity volume: the server never starts without its mount.
+    assert!(get("Unit", "Requires").contains(&"slipway-identity.service".to_string()));
+    assert!(get("Unit", "After").iter().any(|a| a
+        .split_whitespace()
+        .any(|u| u == "slipway-identity.service")));
+    // Enabled: the server, its settings, its identity volume, and the SSM agent (Session
+    // Manager is the operators' only way onto a server: no key pair, no SSH).
+    for u in [
+        "slipway.service",
+        "slipway-userdata.service",
+        "slipway-identity.service",
+        "amazon-ssm-agent.service",
+    ] {
         let link = root
             .join("etc/systemd/system/multi-user.target.wants")
             .join(u);
         assert_eq!(
-            std::fs::read_link(&link).unwrap(),
+            std::fs::read_link(&link).unwrap_or_else(|e| panic!("{u} is not enabled: {e}")),
             Path::new("/usr/lib/systemd/system").join(u)
         );
     }
+
+    // The identity volume's unit: a root oneshot before the server, in the host's mount
+    // namespace (a private one would hide the mount from slipway.service).
+    let ident = parse_unit(
+        &std::fs::read_to_string(root.join("usr/lib/systemd/system/slipway-identity.service"))
+            .unwrap(),
+    );
+    let iget = |s: &str, k: &str| -> Vec<String> {
+        ident
+            .get(&(s.to_string(), k.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(iget("Service", "Type"), ["oneshot"]);
+    assert_eq!(iget("Service", "RemainAfterExit"), ["yes"]);
+    assert_eq!(
+        iget("Service", "ExecStart"),
+        ["/usr/local/bin/slipway identity-volume mount --config /etc/slipway/slipway.toml"]
+    );
+    assert!(iget("Service", "User").is_empty(), "runs as root");
+    assert_eq!(iget("Unit", "Before"), ["slipway.service"]);
+    assert!(iget("Unit", "After")
+        .iter()
+        .any(|a| a.contains("slipway-userdata.service")));
+    for k in [
+        "PrivateTmp",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateDevices",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectClock",
+        "ProtectHostname",
+        "ReadWritePaths",
+        "ReadOnlyPaths",
+        "InaccessiblePaths",
+        "TemporaryFileSystem",
+        "BindPaths",
+        "MountFlags",
+        "PrivateMounts",
+        "PrivateNetwork",
+    ] {
+        assert!(
+            iget("Service", k).is_empty(),
+            "slipway-identity.service sets {k}=, which gives it a mount namespace of its own"
+        );
+    }
+    assert_eq!(iget("Install", "WantedBy"), ["multi-user.target"]);
 
     // systemd's own check, in a copy of the root that also has the host's units (targets).
     let vroot = dir.path().join("verify");
@@ -173,6 +237,7 @@ fn provision_installs_a_hardened_service_into_a_scratch_root() {
         .arg(format!("--root={}", vroot.display()))
         .arg("/usr/lib/systemd/system/slipway.service")
         .arg("/usr/lib/systemd/system/slipway-userdata.service")
+        .arg("/usr/lib/systemd/system/slipway-identity.service")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -184,12 +249,14 @@ fn provision_installs_a_hardened_service_into_a_scratch_root() {
 
     // Default settings: the server accepts them; AWS backend, agents and metrics on all addresses.
     let conf = root.join("etc/slipway/slipway.toml");
-    let s = slipway_server::settings::Settings::load(Some(&conf), &Default::default())
+    let s = slipway_settings::Settings::load(Some(&conf), &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(s.backend, slipway_server::settings::BackendKind::Aws);
+    assert_eq!(s.backend, slipway_settings::BackendKind::Aws);
     assert_eq!(s.listen.to_string(), "0.0.0.0:1500");
     assert_eq!(s.metrics_listen.to_string(), "0.0.0.0:9500");
     assert_eq!(s.data_dir, Path::new("/var/lib/slipway"));
+    // Spill files on the root disk (the unit's private /var/tmp), not on the identity volume.
+    assert_eq!(s.spill_dir, Path::new("/var/tmp/slipway-spill"));
     let (aws, _) = s.aws.clone().unwrap_or_default();
     let raw: slipway_aws::RawAwsSettings = toml::Value::Table(aws).try_into().unwrap();
     slipway_aws::AwsSettings::validate(raw).unwrap();
@@ -207,6 +274,144 @@ fn provision_installs_a_hardened_service_into_a_scratch_root() {
     std::fs::write(&conf, "# edited\n").unwrap();
     provision(&root);
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), "# edited\n");
+}
+
+/// `files/install-ssm-agent` with stand-ins for `curl` (serves the files of `served`, logs
+/// the URLs) and `dpkg` (amd64; logs what it installs): (success, output, URLs, installed).
+fn install_ssm_agent(
+    dir: &Path,
+    served: &Path,
+    key: &Path,
+) -> (bool, String, Vec<String>, Vec<String>) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = dir.join("log");
+    let _ = std::fs::remove_file(&log);
+    let stub = |name: &str, body: &str| {
+        let p = bin.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    stub(
+        "curl",
+        &format!(
+            "out=; url=\nwhile [ $# -gt 0 ]; do case \"$1\" in -o) out=$2; shift 2;; -*) shift;; *) url=$1; shift;; esac; done\n\
+             echo \"url $url\" >> {log}\ncp \"{served}/${{url##*/}}\" \"$out\"",
+            log = log.display(),
+            served = served.display()
+        ),
+    );
+    stub(
+        "dpkg",
+        &format!(
+            "case \"$1\" in --print-architecture) echo amd64;; -i) echo \"installed $(cat \"$2\")\" >> {log};; *) exit 2;; esac",
+            log = log.display()
+        ),
+    );
+    let out = Command::new("sh")
+        .arg(repo().join("ami/files/install-ssm-agent"))
+        .arg("eu-west-1")
+        .arg(key)
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let pick = |p: &str| -> Vec<String> {
+        logged
+            .lines()
+            .filter_map(|l| l.strip_prefix(p))
+            .map(str::to_string)
+            .collect()
+    };
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        pick("url "),
+        pick("installed "),
+    )
+}
+
+/// The SSM agent comes from its own regional bucket and is installed only when its signature
+/// verifies against the key the build brings: here a key made for the test, a package signed
+/// with it, then the same package altered, and no key at all.
+#[test]
+fn the_ssm_agent_is_installed_from_its_bucket_only_when_its_signature_verifies() {
+    need("gpg", "gpg");
+    need("gpgv", "gpgv");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let home = d.join("gnupg");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let gpg = |args: &[&str]| {
+        let out = Command::new("gpg")
+            .env("GNUPGHOME", &home)
+            .args(["--batch", "--quiet", "--passphrase", ""])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gpg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "SSM Agent stand-in <ssm@example.invalid>",
+        "ed25519",
+        "sign",
+        "never",
+    ]);
+    let key = d.join("amazon-ssm-agent.gpg");
+    gpg(&["--armor", "--export", "-o", key.to_str().unwrap()]);
+    let served = d.join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let deb = served.join("amazon-ssm-agent.deb");
+    std::fs::write(&deb, "the agent package").unwrap();
+    gpg(&[
+        "--detach-sign",
+        "-o",
+        served.join("amazon-ssm-agent.deb.sig").to_str().unwrap(),
+        deb.to_str().unwrap(),
+    ]);
+
+    let base = "https://s3.eu-west-1.amazonaws.com/amazon-ssm-eu-west-1/latest/debian_amd64/amazon-ssm-agent.deb";
+    let (ok, out, urls, installed) = install_ssm_agent(d, &served, &key);
+    assert!(ok, "{out}");
+    assert_eq!(urls, [base.to_string(), format!("{base}.sig")]);
+    assert_eq!(installed, ["the agent package"]);
+
+    // Altered after signing: refused, nothing installed.
+    std::fs::write(&deb, "the agent package, altered").unwrap();
+    let (ok, out, _, installed) = install_ssm_agent(d, &served, &key);
+    assert!(!ok, "{out}");
+    assert!(out.contains("does not verify"), "{out}");
+    assert!(installed.is_empty(), "{installed:?}");
+
+    // No key: refused before anything is fetched.
+    let (ok, out, urls, installed) = install_ssm_agent(d, &served, &d.join("missing.gpg"));
+    assert!(!ok && out.contains("missing"), "{out}");
+    assert!(urls.is_empty() && installed.is_empty());
+
+    // provision.sh runs it on a real system (not on a scratch root), with the key from files/.
+    let prov = std::fs::read_to_string(repo().join("ami/provision.sh")).unwrap();
+    let real = prov
+        .split("if [ -z \"$dest\" ]; then")
+        .nth(1)
+        .and_then(|b| b.split("\nfi\n").next())
+        .unwrap();
+    assert!(
+        real.contains("install-ssm-agent") && real.contains("$files/amazon-ssm-agent.gpg"),
+        "provision.sh does not install the SSM agent:\n{real}"
+    );
 }
 
 /// An IMDSv2 stand-in serving `user_data` (None: 404) for `requests` requests.
@@ -434,6 +639,19 @@ fn the_packer_template_parses_and_its_build_runs_the_provisioning_script() {
         commands
             .iter()
             .any(|c| c.contains("SLIPWAY_BINARY=") && c.contains("provision.sh")),
+        "{commands:?}"
+    );
+    // The SSM agent's bucket is the build region's; the build checks the agent is enabled.
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("SLIPWAY_SSM_REGION=${var.region}") && c.contains("provision.sh")),
+        "{commands:?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("systemctl is-enabled") && c.contains("amazon-ssm-agent")),
         "{commands:?}"
     );
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,9 @@
 use aws_sdk_ec2::types::InstanceAttributeName;
 use slipway_fleet::{Action, ApplyOptions};
 
-use crate::support::{tags_of, Env};
+use std::sync::Arc;
+
+use crate::support::{tags_of, Env, FakeProbe};
 
 const APPLY: ApplyOptions = ApplyOptions { dry_run: false };
 const DRY: ApplyOptions = ApplyOptions { dry_run: true };
@@ -68,6 +70,25 @@ async fn apply_launches_the_server_with_type_tags_and_user_data_and_a_second_app
     assert_eq!(tags["slipway:sources.0"], "src-00=1,src-01=1,src-02=1");
     assert_eq!(tags["Project"], "exit");
     assert_eq!(tags["slipway:settings-sha256"], t.settings_hash(0));
+    // Its identity volume (the data dir: TLS identity, token secret, disk metadata): small,
+    // encrypted, tagged as server 0's, attached to it.
+    let idv = env.identity_volumes().await;
+    assert_eq!(idv.len(), 1, "{idv:?}");
+    let v = &idv[0];
+    let vtags = crate::support::aws_support::tag_map(v.tags());
+    assert_eq!(vtags["slipway:role"], "identity");
+    assert_eq!(vtags["slipway:template"], "wave1");
+    assert_eq!(vtags["slipway:server-index"], "0");
+    assert_eq!(vtags["slipway:server"], "wave1-0");
+    assert_eq!(vtags["Project"], "exit");
+    assert_eq!(v.encrypted(), Some(true));
+    assert_eq!(v.size(), Some(1));
+    assert_eq!(v.volume_type().unwrap().as_str(), "gp3");
+    assert_eq!(v.availability_zone(), Some(crate::support::ZONE));
+    assert_eq!(
+        env.attachments(v.volume_id().unwrap()).await,
+        [(i.instance_id().unwrap().to_string(), "attached".to_string())]
+    );
     let ud = user_data(&env, i.instance_id().unwrap()).await;
     assert_eq!(ud, t.server_settings(0));
     assert!(ud.contains("backend = \"aws\""), "{ud}");
@@ -87,6 +108,134 @@ async fn apply_launches_the_server_with_type_tags_and_user_data_and_a_second_app
     assert!(!again.changed(), "{again}");
     assert!(again.to_string().contains("no changes"), "{again}");
     assert_eq!(env.instances().await.len(), 1);
+    assert_eq!(env.identity_volumes().await.len(), 1);
+}
+
+/// The user data as EC2 documents it on the wire: RunInstances' `UserData` and
+/// ModifyInstanceAttribute's `UserData.Value` are both the base64 of the settings file,
+/// encoded once. (moto decodes the blob by its model and accepts a doubly encoded value, so
+/// the request itself is checked.)
+#[tokio::test]
+async fn user_data_on_the_wire_is_the_settings_base64_encoded_once() {
+    let env = Env::start().await;
+    let cap = &env.capture;
+    let decode = |v: &str| {
+        let bytes = aws_smithy_types::base64::decode(v)
+            .unwrap_or_else(|e| panic!("user data on the wire is not base64 ({e}): {v}"));
+        String::from_utf8(bytes).unwrap()
+    };
+    let param = |call: &[(String, String)], key: &str| {
+        call.iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {key} in {call:?}"))
+    };
+
+    let t = env.template(1, "");
+    env.fleet.apply(&t, &APPLY).await.unwrap();
+    let runs = cap.calls("RunInstances");
+    assert_eq!(runs.len(), 1, "{:?}", cap.actions());
+    assert_eq!(decode(&param(&runs[0], "UserData")), t.server_settings(0));
+
+    let t2 = env.template(1, "bandwidth_mbps = 300");
+    let r = env.fleet.apply(&t2, &APPLY).await.unwrap();
+    assert!(
+        matches!(r.actions[..], [Action::InPlace { settings: true, .. }]),
+        "{r}"
+    );
+    let mods: Vec<_> = cap
+        .calls("ModifyInstanceAttribute")
+        .into_iter()
+        .filter(|c| c.iter().any(|(k, _)| k == "UserData.Value"))
+        .collect();
+    assert_eq!(mods.len(), 1, "{:?}", cap.actions());
+    assert_eq!(
+        decode(&param(&mods[0], "UserData.Value")),
+        t2.server_settings(0),
+        "ModifyInstanceAttribute must carry base64(settings), not base64(base64(settings))"
+    );
+}
+
+/// A server that did not apply its user data (it kept its old settings) is found by what it
+/// reports, although its tag claims the new settings, and is updated again.
+#[tokio::test]
+async fn drift_is_judged_by_the_settings_the_server_reports_not_only_its_tag() {
+    let mut env = Env::start().await;
+    let t = env.template(1, "");
+    env.fleet.apply(&t, &APPLY).await.unwrap();
+    let id = env.instances().await[0].instance_id().unwrap().to_string();
+    // By the tag alone, nothing to do.
+    assert!(!env.fleet.apply(&t, &DRY).await.unwrap().changed());
+
+    let probe = Arc::new(FakeProbe::default());
+    env.fleet.settings_probe = Some(probe.clone());
+    // No answer from the server: the tag decides, and the report says so.
+    let r = env.fleet.apply(&t, &DRY).await.unwrap();
+    assert!(!r.changed(), "{r}");
+    assert!(
+        r.to_string()
+            .contains("judged by its slipway:settings-sha256 tag only"),
+        "{r}"
+    );
+
+    // The server runs with other settings than the tag claims: update it in place.
+    probe
+        .running
+        .lock()
+        .unwrap()
+        .insert(id.clone(), "00000000deadbeef".into());
+    let r = env.fleet.apply(&t, &APPLY).await.unwrap();
+    assert_eq!(
+        r.actions,
+        [Action::InPlace {
+            index: 0,
+            instance_id: id.clone(),
+            instance_type: None,
+            settings: true,
+        }]
+    );
+    assert_eq!(user_data(&env, &id).await, t.server_settings(0));
+    // Once it reports the template's settings, nothing more to do.
+    probe
+        .running
+        .lock()
+        .unwrap()
+        .insert(id.clone(), t.settings_hash(0));
+    let r = env.fleet.apply(&t, &APPLY).await.unwrap();
+    assert!(!r.changed(), "{r}");
+}
+
+/// The default probe reads `slipway_settings_info` from the server's metrics endpoint.
+#[tokio::test]
+async fn the_metrics_probe_reads_the_fingerprint_a_server_exposes() {
+    use slipway_fleet::SettingsProbe;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::start().await;
+    let mut t = env.template(1, "");
+    env.fleet.apply(&t, &APPLY).await.unwrap();
+    let mut s = env.fleet.servers(&t).await.unwrap().remove(0);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    t.metrics_port = listener.local_addr().unwrap().port();
+    s.private_ip = Some("127.0.0.1".into());
+    let page = "# TYPE slipway_settings_info gauge\nslipway_settings_info{sha256=\"0011223344556677\"} 1\n";
+    let server = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /metrics "));
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        );
+        c.write_all(resp.as_bytes()).await.unwrap();
+    });
+    let probe = slipway_fleet::MetricsProbe::default();
+    assert_eq!(
+        probe.running_settings(&t, &s).await.as_deref(),
+        Some("0011223344556677")
+    );
+    server.await.unwrap();
 }
 
 #[tokio::test]
@@ -98,10 +247,10 @@ async fn changing_the_instance_type_switches_in_place_and_the_volumes_stay_attac
     let id = server.instance_id().unwrap().to_string();
     let ip = server.private_ip_address().unwrap().to_string();
     let v1 = env
-        .replica_on("src-00", "disk0", "wave1-0", &id, "/dev/sdf")
+        .replica_on("src-00", "disk0", "wave1-0", &id, "/dev/sdg")
         .await;
     let v2 = env
-        .replica_on("src-01", "disk0", "wave1-0", &id, "/dev/sdg")
+        .replica_on("src-01", "disk0", "wave1-0", &id, "/dev/sdh")
         .await;
 
     let t2 = env.template_with(2, "m5.xlarge", "ami-12345678", "");
@@ -163,9 +312,13 @@ async fn a_changed_ami_replaces_the_server_and_moves_its_volumes() {
     env.fleet.apply(&t, &APPLY).await.unwrap();
     let old = env.instances().await[0].clone();
     let old_id = old.instance_id().unwrap().to_string();
+    // At /dev/sdf, the first name: a replica of a server from before identity volumes has
+    // it, and the replacement reattaches it there (the identity volume must not take it).
     let v = env
         .replica_on("src-00", "disk0", "wave1-0", &old_id, "/dev/sdf")
         .await;
+    let (identity, on) = env.identity_of(0).await;
+    assert_eq!(on.as_deref(), Some(old_id.as_str()));
 
     let t2 = env.template_with(1, "m5.large", "ami-87654321", "");
     let r = env.fleet.apply(&t2, &APPLY).await.unwrap();
@@ -184,6 +337,17 @@ async fn a_changed_ami_replaces_the_server_and_moves_its_volumes() {
     let new_id = new.instance_id().unwrap().to_string();
     assert_eq!(
         env.attachments(&v).await,
+        [(new_id.clone(), "attached".to_string())]
+    );
+    // The server's identity follows it: the same identity volume, now on the new instance
+    // (and no second one).
+    assert_eq!(
+        env.identity_of(0).await,
+        (identity.clone(), Some(new_id.clone())),
+        "the replacement must get the old server's identity volume"
+    );
+    assert_eq!(
+        env.attachments(&identity).await,
         [(new_id, "attached".to_string())]
     );
     // The private IP is reused where EC2 frees it in time (moto never does): else the report
@@ -267,6 +431,29 @@ async fn changed_user_tags_are_synced_live_and_a_stopped_server_is_started() {
     let t = env.template(2, "");
     env.fleet.apply(&t, &APPLY).await.unwrap();
     let id = env.instances().await[0].instance_id().unwrap().to_string();
+    // The fingerprint tag the server sets on its own instance at start: apply neither
+    // compares it (no drift) nor removes it, through any of the tag syncs below.
+    let fp = "ab".repeat(32);
+    env.ec2
+        .create_tags()
+        .resources(&id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("slipway:tls-fingerprint")
+                .value(&fp)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(!env.fleet.apply(&t, &APPLY).await.unwrap().changed());
+    let fingerprint_kept = |tags: &std::collections::BTreeMap<String, String>| {
+        assert_eq!(
+            tags.get("slipway:tls-fingerprint"),
+            Some(&fp),
+            "apply removed the server's own tag: {tags:?}"
+        )
+    };
 
     // User tags are part of the server's settings (its volumes and snapshots carry them), so a
     // change goes in place; the instance's tags follow, the sources stay recorded.
@@ -287,6 +474,7 @@ async fn changed_user_tags_are_synced_live_and_a_stopped_server_is_started() {
     assert_eq!(tags.get("Owner").map(String::as_str), Some("ops"));
     assert!(!tags.contains_key("Project"), "{tags:?}");
     assert_eq!(tags["slipway:sources.0"], "src-00=1,src-01=1");
+    fingerprint_kept(&tags);
     assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
 
     // A tag edited by hand is put back live, without a restart.
@@ -314,6 +502,7 @@ async fn changed_user_tags_are_synced_live_and_a_stopped_server_is_started() {
     assert_eq!(tags["Owner"], "ops");
     assert!(!tags.contains_key("Extra"));
     assert_eq!(tags["slipway:sources.0"], "src-00=1,src-01=1");
+    fingerprint_kept(&tags);
     assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
 
     // Someone stopped the server: apply starts it.
@@ -342,10 +531,10 @@ async fn a_source_that_outgrows_its_server_moves_with_its_volumes() {
     env.fleet.apply(&t, &APPLY).await.unwrap();
     let s0 = env.instances().await[0].instance_id().unwrap().to_string();
     let v = env
-        .replica_on("src-03", "disk0", "wave1-0", &s0, "/dev/sdf")
+        .replica_on("src-03", "disk0", "wave1-0", &s0, "/dev/sdg")
         .await;
     let other = env
-        .replica_on("src-04", "disk0", "wave1-0", &s0, "/dev/sdg")
+        .replica_on("src-04", "disk0", "wave1-0", &s0, "/dev/sdh")
         .await;
 
     // src-03 now has 4 disks: server 0 would hold 18, so src-03 (and only it) moves.
@@ -410,8 +599,10 @@ async fn a_server_terminated_by_hand_is_relaunched_for_its_volumes_not_refilled_
         .unwrap();
     let s1_id = s1.instance_id().unwrap().to_string();
     let v = env
-        .replica_on("src-15", "disk0", "wave1-1", &s1_id, "/dev/sdf")
+        .replica_on("src-15", "disk0", "wave1-1", &s1_id, "/dev/sdg")
         .await;
+    let (identity, on) = env.identity_of(1).await;
+    assert_eq!(on.as_deref(), Some(s1_id.as_str()));
     env.ec2
         .detach_volume()
         .volume_id(&v)
@@ -445,5 +636,19 @@ async fn a_server_terminated_by_hand_is_relaunched_for_its_volumes_not_refilled_
     );
     let s0_sources: Vec<&str> = r.servers[0].sources.iter().map(String::as_str).collect();
     assert!(!s0_sources.contains(&"src-15"), "{r}");
+    // The relaunched server 1 is server 1 to its agents: the lost instance's identity volume.
+    let s1_new = env
+        .instances()
+        .await
+        .into_iter()
+        .find(|i| {
+            tags_of(i)["slipway:server-index"] == "1"
+                && i.state().unwrap().name().unwrap().as_str() == "running"
+        })
+        .unwrap();
+    assert_eq!(
+        env.identity_of(1).await,
+        (identity, Some(s1_new.instance_id().unwrap().to_string()))
+    );
     assert!(!env.fleet.apply(&t2, &APPLY).await.unwrap().changed());
 }

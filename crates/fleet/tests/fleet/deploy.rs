@@ -160,6 +160,72 @@ tests:
     assert!(ok, "promtool test rules:\n{out}");
 }
 
+/// The restore-point and AWS alerts on made-up series: two failed restore points of one
+/// source in 30 minutes alert, one (retried at the next tick) does not; a server with 9% of
+/// its AWS requests throttled for 10 minutes alerts, one with under 1% does not; a server
+/// making two describe calls a second for half an hour is over its budget, one making one is
+/// not.
+#[test]
+fn restore_point_and_aws_alerts_fire_on_the_series_they_are_meant_for() {
+    let d = tempfile::tempdir().unwrap();
+    let rules = repo().join("deploy/prometheus-rules.yml");
+    let test = d.path().join("rules-test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            r#"rule_files:
+  - {rules}
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'slipway_restore_points_failed_total{{instance="a:9500",source="web"}}'
+        values: '0x20 1x5 2x40'
+      - series: 'slipway_restore_points_failed_total{{instance="a:9500",source="db"}}'
+        values: '0x20 1x45'
+      - series: 'slipway_aws_requests_total{{instance="a:9500",op="DescribeSnapshots",outcome="ok"}}'
+        values: '0+60x60'
+      - series: 'slipway_aws_requests_total{{instance="a:9500",op="CreateSnapshots",outcome="throttled"}}'
+        values: '0x20 0+6x40'
+      - series: 'slipway_aws_requests_total{{instance="b:9500",op="DescribeSnapshots",outcome="ok"}}'
+        values: '0+120x60'
+      - series: 'slipway_aws_requests_total{{instance="b:9500",op="DescribeSnapshots",outcome="throttled"}}'
+        values: '0+1x60'
+    alert_rule_test:
+      - eval_time: 40m
+        alertname: SlipwayRestorePointsFailing
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: "a:9500", source: web}}
+            exp_annotations:
+              summary: "2 restore points of web failed on a:9500 in the last 30 minutes"
+      - eval_time: 25m
+        alertname: SlipwayAwsThrottled
+        exp_alerts: []
+      - eval_time: 40m
+        alertname: SlipwayAwsThrottled
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: "a:9500"}}
+            exp_annotations:
+              summary: "9.091% of a:9500's AWS API requests are throttled (RequestLimitExceeded): the account's request budget is exhausted"
+      - eval_time: 60m
+        alertname: SlipwayAwsDescribeBudget
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: "b:9500"}}
+            exp_annotations:
+              summary: "b:9500 makes 2.017 AWS describe calls per second (budget: 1)"
+"#,
+            rules = rules.display()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = validator(
+        "promtool",
+        &["test", "rules", test.to_str().unwrap()],
+        "apt-get install prometheus",
+    );
+    assert!(ok, "promtool test rules:\n{out}");
+}
+
 /// Metric names a text mentions (`slipway_…`).
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -179,9 +245,10 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     out
 }
 
-/// Every metric `text` queries is defined in crates/server/src/metrics.rs.
+/// Every metric `text` queries is defined in crates/server/src/metrics.rs or, for the AWS
+/// API metrics the server registers from its backend, crates/aws/src/metrics.rs.
 fn check_metrics(what: &str, text: &str) -> BTreeSet<String> {
-    let defined = read("crates/server/src/metrics.rs");
+    let defined = read("crates/server/src/metrics.rs") + &read("crates/aws/src/metrics.rs");
     let names = metric_names(text);
     for n in &names {
         let base = ["_bucket", "_sum", "_count"]

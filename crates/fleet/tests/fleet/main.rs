@@ -6,5 +6,6 @@ mod support;
 
 mod ami;
 mod apply;
+mod convert;
 mod deploy;
 mod launch;

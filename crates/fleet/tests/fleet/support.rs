@@ -12,7 +12,7 @@ use tokio::sync::MutexGuard;
 
 #[path = "../../../aws/tests/aws/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
-mod aws_support;
+pub mod aws_support;
 
 pub use aws_support::{REGION, ZONE};
 
@@ -27,16 +27,28 @@ pub struct Env {
     pub dir: TempDir,
     /// Disk counts other than 1, by source id, for the templates built here.
     pub disks: BTreeMap<String, u32>,
+    /// Every request the fleet sent, as it went on the wire.
+    pub capture: aws_support::capture::CaptureProxy,
+    /// The emulator's attachments: `<volume id>.img` per volume (`slipway_aws::FileMap`).
+    pub device_dir: std::path::PathBuf,
+    /// The SDK configuration of the test's own clients (EBS direct reads).
+    pub sdk: aws_config::SdkConfig,
 }
 
 impl Env {
+    /// The fleet talks to the emulator through the recording proxy (which also makes moto
+    /// accept EC2's form of ModifyInstanceAttribute's user data, see `capture.rs`); the
+    /// test's own client talks to it directly.
     pub async fn start() -> Env {
         let (guard, moto) = aws_support::moto::exclusive().await;
         let sdk = aws_support::test_sdk(&moto.endpoint()).await;
         let ec2 = aws_sdk_ec2::Client::new(&sdk);
-        let mut fleet = Fleet::new(&sdk);
+        let capture = aws_support::capture::CaptureProxy::start(moto.port).await;
+        let mut fleet = Fleet::new(&aws_support::test_sdk(&capture.endpoint).await);
         fleet.poll_interval = Duration::from_millis(10);
         fleet.wait_timeout = Duration::from_secs(20);
+        // The emulator's instances run no server: tests that need one set a probe.
+        fleet.settings_probe = None;
         let net = aws_support::staging_network(&ec2).await;
         let (staging, target, sg) = (net.staging_subnet, net.target_subnet, net.security_group);
         Env {
@@ -48,6 +60,9 @@ impl Env {
             sg,
             dir: tempfile::tempdir().unwrap(),
             disks: BTreeMap::new(),
+            capture,
+            device_dir: moto.device_dir.clone(),
+            sdk,
         }
     }
 
@@ -105,7 +120,8 @@ impl Env {
             .collect()
     }
 
-    /// A tagged replica volume of `source`/`disk` attached to `instance` at `device`.
+    /// A tagged replica volume of `source`/`disk` attached to `instance` at `device` (the
+    /// server's identity volume took the last free name).
     pub async fn replica_on(
         &self,
         source: &str,
@@ -142,6 +158,46 @@ impl Env {
             .await
             .unwrap();
         id
+    }
+
+    /// Every identity volume (`slipway:role = identity`) that is not deleted.
+    pub async fn identity_volumes(&self) -> Vec<aws_sdk_ec2::types::Volume> {
+        self.ec2
+            .describe_volumes()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:slipway:role")
+                    .values("identity")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .volumes()
+            .to_vec()
+    }
+
+    /// The identity volume of server `index`, with the instance it is attached to.
+    pub async fn identity_of(&self, index: u32) -> (String, Option<String>) {
+        let vols: Vec<_> = self
+            .identity_volumes()
+            .await
+            .into_iter()
+            .filter(|v| aws_support::tag_map(v.tags())["slipway:server-index"] == index.to_string())
+            .collect();
+        assert_eq!(
+            vols.len(),
+            1,
+            "one identity volume for server {index}: {vols:?}"
+        );
+        (
+            vols[0].volume_id().unwrap().to_string(),
+            vols[0]
+                .attachments()
+                .first()
+                .and_then(|a| a.instance_id())
+                .map(str::to_string),
+        )
     }
 
     /// Attachments of a volume: (instance, state).
@@ -225,4 +281,21 @@ pub fn spec(resource: ResourceType, tags: &[(&str, &str)]) -> TagSpecification {
 
 pub fn tags_of(i: &aws_sdk_ec2::types::Instance) -> BTreeMap<String, String> {
     aws_support::tag_map(i.tags())
+}
+
+/// A settings probe answering what a test says each instance runs with (`None`: no answer).
+#[derive(Debug, Default)]
+pub struct FakeProbe {
+    pub running: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+impl slipway_fleet::SettingsProbe for FakeProbe {
+    fn running_settings<'a>(
+        &'a self,
+        _t: &'a Template,
+        s: &'a slipway_fleet::ServerState,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + 'a>> {
+        let r = self.running.lock().unwrap().get(&s.instance_id).cloned();
+        Box::pin(async move { r })
+    }
 }

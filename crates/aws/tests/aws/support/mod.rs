@@ -1,5 +1,6 @@
 //! Test support: the emulator, the IMDS stand-in, the throttling proxy, and builders.
 
+pub mod capture;
 pub mod http;
 pub mod imds;
 pub mod moto;

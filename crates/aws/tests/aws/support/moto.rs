@@ -23,6 +23,11 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 pub struct Moto {
     pub port: u16,
     pub log: PathBuf,
+    /// Where emulated attachments keep their data: a server under test maps volume ids to
+    /// files here (`SLIPWAY_AWS_DEVICE_MAP_DIR`), and the emulator's launcher
+    /// (`crates/aws/tests/moto_server.py`) reads a volume's file when EC2 accepts a snapshot of
+    /// it, so the EBS direct APIs serve the snapshot's data.
+    pub device_dir: PathBuf,
 }
 
 impl Moto {
@@ -68,31 +73,59 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// moto's server through `crates/aws/tests/moto_server.py` (moto plus snapshots that hold
+/// their volume's data), run by the Python of moto's own virtualenv.
+fn launcher(server: &str) -> Result<(PathBuf, PathBuf), String> {
+    let rel = "crates/aws/tests/moto_server.py";
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join(rel))
+        .find(|p| p.exists())
+        .ok_or_else(|| format!("no {rel} above {}", env!("CARGO_MANIFEST_DIR")))?;
+    let python = Path::new(server).with_file_name("python3");
+    if !python.exists() {
+        return Err(format!(
+            "{} has no python3 beside it to run {rel} with",
+            server
+        ));
+    }
+    Ok((python, script))
+}
+
 fn start() -> Result<Moto, String> {
     let server = moto_server_path()?;
+    let (python, script) = launcher(&server)?;
     let port = free_port();
-    let log = std::env::temp_dir().join(format!("slipway-moto-{}-{port}.log", std::process::id()));
+    let tmp = std::env::temp_dir();
+    let log = tmp.join(format!("slipway-moto-{}-{port}.log", std::process::id()));
+    let device_dir = tmp.join(format!(
+        "slipway-moto-{}-{port}.devices",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&device_dir).map_err(|e| format!("{}: {e}", device_dir.display()))?;
     // The watchdog: start moto, then poll for this process; when it is gone, stop moto and
-    // remove its log.
+    // remove its log and device files.
     let watchdog = r#"
-        MOTO_EC2_LOAD_DEFAULT_AMIS=false "$0" -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
+        MOTO_EC2_LOAD_DEFAULT_AMIS=false SLIPWAY_MOTO_DEVICE_DIR="$5" "$0" "$4" -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
         moto=$!
         while kill -0 "$3" 2>/dev/null && kill -0 "$moto" 2>/dev/null; do sleep 0.5; done
         kill "$moto" 2>/dev/null
-        rm -f "$2"
+        rm -rf "$2" "$5"
     "#;
     Command::new("bash")
         .arg("-c")
         .arg(watchdog)
-        .arg(&server)
+        .arg(&python)
         .arg(port.to_string())
         .arg(&log)
         .arg(std::process::id().to_string())
+        .arg(&script)
+        .arg(&device_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("starting {server}: {e}"))?;
+        .map_err(|e| format!("starting {}: {e}", python.display()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -100,7 +133,11 @@ fn start() -> Result<Moto, String> {
     let started = Instant::now();
     loop {
         if let Ok((200, _)) = rt.block_on(call(port, "POST", "/moto-api/reset", b"")) {
-            return Ok(Moto { port, log });
+            return Ok(Moto {
+                port,
+                log,
+                device_dir,
+            });
         }
         if started.elapsed() > Duration::from_secs(60) {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
@@ -132,5 +169,11 @@ pub async fn exclusive() -> (MutexGuard<'static, ()>, Moto) {
         String::from_utf8_lossy(&body),
         m.log.display()
     );
+    // The previous test's volumes are gone from the emulator: so are their files.
+    if let Ok(entries) = std::fs::read_dir(&m.device_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     (guard, m)
 }

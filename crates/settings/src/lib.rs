@@ -5,12 +5,18 @@
 //! Phase two validates into [`Settings`] with typed values (addresses, durations, sizes), each
 //! error naming the file, the key and the reason — the operator should never have to guess
 //! which line is wrong. Command-line flags override the file after phase one.
+//!
+//! A crate of its own (the server re-exports it as `slipway_server::settings`) because the
+//! replication templates of `crates/fleet` render a server's settings and check them with this
+//! very validation: they need the settings, not the server, its QUIC sessions and its metrics.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use slipway_net::units::parse_size;
 use slipway_net::{Congestion, Tuning};
 use thiserror::Error;
 
@@ -53,6 +59,8 @@ pub struct RawSettings {
     pub replication: RawReplication,
     pub quic: RawQuic,
     pub pit: slipway_pit::RawPitSettings,
+    /// Per-source settings pushed to that source's agent (`[sources.NAME]`).
+    pub sources: BTreeMap<String, RawSource>,
     /// The AWS backend's settings, validated by the binary with `slipway-aws` (the server
     /// crate does not know the SDK).
     pub aws: Option<toml::Table>,
@@ -81,6 +89,21 @@ pub struct RawReplication {
     pub frame_timeout: Option<String>,
     pub max_disks_per_connection: Option<u32>,
     pub capture_memory: Option<String>,
+    /// Where capture spill files go (default `data_dir/spill`).
+    pub spill_dir: Option<String>,
+    pub max_snapshot_hold: Option<String>,
+    /// Default bandwidth limit pushed to every source's agent, Mbit/s (0: none); a
+    /// `[sources.NAME]` entry overrides it for that source.
+    pub source_bandwidth_mbps: Option<f64>,
+}
+
+/// `[sources.NAME]`: what the server tells that source's agent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSource {
+    /// The source's replication bandwidth, Mbit/s (0: none; the agent's own limit still
+    /// applies, the stricter wins).
+    pub bandwidth_mbps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -95,6 +118,7 @@ pub struct RawQuic {
     pub idle_timeout: Option<String>,
     pub keep_alive: Option<String>,
     pub socket_buffer: Option<String>,
+    pub receive_memory: Option<String>,
 }
 
 /// Where volumes and restore points live.
@@ -140,10 +164,38 @@ pub struct Settings {
     pub frame_timeout: Duration,
     pub max_disks_per_connection: u32,
     /// Per disk being captured for a restore point: bytes of copy-on-write blocks kept in
-    /// memory before they spill to `data_dir/spill`.
+    /// memory before they spill to [`spill_dir`](Self::spill_dir).
     pub capture_memory_bytes: u64,
+    /// Directory of the capture spill files (unlinked at creation, so nothing in it survives
+    /// the server): `replication.spill_dir`, default `data_dir/spill`. Kept apart from the data
+    /// dir on EC2 servers, whose data dir is a small identity volume.
+    pub spill_dir: PathBuf,
+    /// Bound on the remote snapshot requests of a restore point, made while the source's
+    /// writes are held at the marker: past it the point fails (retried at a later tick) and
+    /// the writes go on.
+    pub max_snapshot_hold: Duration,
     pub tuning: Tuning,
+    /// All connections' QUIC receive windows together: each live connection's window is an
+    /// equal share of this (at most `tuning.connection_window`, at least 1 MiB), so the bytes
+    /// the server's QUIC buffers may hold do not grow with the number of agents.
+    pub quic_receive_memory: u64,
     pub pit: slipway_pit::PitPolicy,
+    /// Bandwidth limit pushed to agents, bits per second (0: none), unless
+    /// [`Settings::source_bandwidth_bps`] has an entry for the source.
+    pub default_source_bandwidth_bps: u64,
+    /// Per-source bandwidth limits pushed to agents, bits per second (0: none).
+    pub source_bandwidth_bps: BTreeMap<String, u64>,
+    /// [`settings_sha256`] of the settings file this server runs with (`None`: defaults).
+    /// Reported in status and `slipway_settings_info`, so `slipway template apply` can tell
+    /// what an instance really applied rather than trust its tag.
+    pub settings_sha256: Option<String>,
+}
+
+/// The fingerprint of a settings file: the first 8 bytes of its SHA-256, in hex. The
+/// replication template's `slipway:settings-sha256` tag is this of the rendered user data.
+pub fn settings_sha256(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(text.as_bytes())[..8])
 }
 
 /// Command-line overrides (flags beat the file).
@@ -154,7 +206,34 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
 }
 
+/// Mbit/s from a settings key as bits per second: finite, 0 (none) or at least 0.1 Mbit/s,
+/// at most 1 Tbit/s.
+fn mbps_to_bps(mbps: f64) -> Result<u64, String> {
+    if !mbps.is_finite() || mbps < 0.0 {
+        return Err(format!("{mbps} is not a bandwidth in Mbit/s (0 for none)"));
+    }
+    if mbps > 0.0 && mbps < 0.1 {
+        return Err(format!(
+            "{mbps} Mbit/s is below 0.1 Mbit/s; use 0 for no limit"
+        ));
+    }
+    if mbps > 1_000_000.0 {
+        return Err(format!(
+            "{mbps} Mbit/s is more than 1 Tbit/s; use 0 for no limit"
+        ));
+    }
+    Ok((mbps * 1e6).round() as u64)
+}
+
 impl Settings {
+    /// The bandwidth limit the server's settings set for `source`, bits per second (0: none).
+    pub fn bandwidth_for(&self, source: &str) -> u64 {
+        self.source_bandwidth_bps
+            .get(source)
+            .copied()
+            .unwrap_or(self.default_source_bandwidth_bps)
+    }
+
     /// Defaults of the embedded local mode.
     pub fn local_default() -> Self {
         Self::validate(RawSettings::default(), "<defaults>").expect("defaults are valid")
@@ -162,16 +241,20 @@ impl Settings {
 
     /// Reads `file` (or the defaults when `None`), applies `over`, validates.
     pub fn load(file: Option<&Path>, over: &Overrides) -> Result<Self, SettingsError> {
-        let (mut raw, name) = match file {
+        let (mut raw, name, sha) = match file {
             Some(p) => {
                 let name = p.display().to_string();
                 let text = std::fs::read_to_string(p).map_err(|source| SettingsError::Read {
                     file: name.clone(),
                     source,
                 })?;
-                (Self::parse(&text, &name)?, name)
+                (
+                    Self::parse(&text, &name)?,
+                    name,
+                    Some(settings_sha256(&text)),
+                )
             }
-            None => (RawSettings::default(), "<defaults>".to_string()),
+            None => (RawSettings::default(), "<defaults>".to_string(), None),
         };
         if let Some(d) = &over.data_dir {
             raw.data_dir = Some(d.display().to_string());
@@ -182,7 +265,9 @@ impl Settings {
         if let Some(l) = &over.metrics_listen {
             raw.metrics_listen = Some(l.clone());
         }
-        Self::validate(raw, &name)
+        let mut settings = Self::validate(raw, &name)?;
+        settings.settings_sha256 = sha;
+        Ok(settings)
     }
 
     /// Phase one: TOML into the raw structs, errors with the key path.
@@ -222,7 +307,7 @@ impl Settings {
         };
         let size = |key: &str, v: Option<&String>, default: &str| -> Result<u64, _> {
             let s = v.map(String::as_str).unwrap_or(default);
-            parse_size(s).map_err(|e| bad(key, e))
+            parse_size(s).map_err(|e| bad(key, e.to_string()))
         };
 
         let data_dir = PathBuf::from(raw.data_dir.as_deref().unwrap_or("./var"));
@@ -322,6 +407,19 @@ impl Settings {
                 "must be between 1s and 1h".into(),
             ));
         }
+        let max_snapshot_hold = dur(
+            "replication.max_snapshot_hold",
+            r.max_snapshot_hold.as_ref(),
+            "2s",
+        )?;
+        if max_snapshot_hold < Duration::from_millis(100)
+            || max_snapshot_hold > Duration::from_secs(60)
+        {
+            return Err(bad(
+                "replication.max_snapshot_hold",
+                "must be between 100ms and 60s".into(),
+            ));
+        }
         let max_disks = r.max_disks_per_connection.unwrap_or(64);
         if max_disks == 0 || max_disks > 1024 {
             return Err(bad(
@@ -335,6 +433,11 @@ impl Settings {
             r.capture_memory.as_ref(),
             "64MiB",
         )?;
+        let spill_dir = match r.spill_dir.as_deref() {
+            None => data_dir.join("spill"),
+            Some("") => return Err(bad("replication.spill_dir", "must not be empty".into())),
+            Some(d) => PathBuf::from(d),
+        };
 
         let q = &raw.quic;
         let d = Tuning::default();
@@ -383,8 +486,32 @@ impl Settings {
             max_streams: max_disks + 1,
         };
 
+        let quic_receive_memory = size("quic.receive_memory", q.receive_memory.as_ref(), "256MiB")?;
+        if quic_receive_memory < tuning.connection_window.min(1 << 20) {
+            return Err(bad(
+                "quic.receive_memory",
+                format!("{quic_receive_memory} bytes is less than one connection's smallest window (1 MiB)"),
+            ));
+        }
+
         let pit =
             slipway_pit::PitPolicy::from_raw(&raw.pit).map_err(|e| bad("pit", e.to_string()))?;
+        let default_source_bandwidth_bps = mbps_to_bps(r.source_bandwidth_mbps.unwrap_or(0.0))
+            .map_err(|e| bad("replication.source_bandwidth_mbps", e))?;
+        let mut source_bandwidth_bps = BTreeMap::new();
+        for (name, src) in &raw.sources {
+            if !slipway_proto::valid_id(name) {
+                return Err(bad(
+                    &format!("sources.{name}"),
+                    "is not a valid source id".into(),
+                ));
+            }
+            if let Some(m) = src.bandwidth_mbps {
+                let bps = mbps_to_bps(m)
+                    .map_err(|e| bad(&format!("sources.{name}.bandwidth_mbps"), e))?;
+                source_bandwidth_bps.insert(name.clone(), bps);
+            }
+        }
 
         Ok(Settings {
             data_dir,
@@ -406,41 +533,60 @@ impl Settings {
             frame_timeout,
             max_disks_per_connection: max_disks,
             capture_memory_bytes: capture_memory,
+            spill_dir,
+            max_snapshot_hold,
             tuning,
+            quic_receive_memory,
             pit,
+            default_source_bandwidth_bps,
+            source_bandwidth_bps,
+            settings_sha256: None,
         })
     }
-}
-
-/// Parses sizes like `4096`, `64KiB`, `16MiB`, `1GiB` (binary) or `10MB` (decimal).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like \"16MiB\""))?;
-    let mul: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        u => {
-            return Err(format!(
-                "{s:?} has an unknown unit {u:?} (use B, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quic_receive_memory_defaults_and_is_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Settings::load(None, &Overrides::default()).unwrap();
+        assert_eq!(s.quic_receive_memory, 256 << 20);
+        let p = d.path().join("s.toml");
+        std::fs::write(&p, "[quic]\nreceive_memory = \"64MiB\"\n").unwrap();
+        assert_eq!(
+            Settings::load(Some(&p), &Overrides::default())
+                .unwrap()
+                .quic_receive_memory,
+            64 << 20
+        );
+        std::fs::write(&p, "[quic]\nreceive_memory = \"512KiB\"\n").unwrap();
+        let e = Settings::load(Some(&p), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quic.receive_memory"), "{e}");
+    }
+
+    #[test]
+    fn a_loaded_file_carries_the_fingerprint_of_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("slipway.toml");
+        let text = "# rendered\nlisten = \"0.0.0.0:1500\"\n";
+        std::fs::write(&p, text).unwrap();
+        let s = Settings::load(Some(&p), &Overrides::default()).unwrap();
+        assert_eq!(
+            s.settings_sha256.as_deref(),
+            Some(settings_sha256(text).as_str())
+        );
+        assert_eq!(settings_sha256(text).len(), 16);
+        assert_ne!(
+            settings_sha256(text),
+            settings_sha256("listen = \"0.0.0.0:1500\"\n")
+        );
+        assert_eq!(Settings::local_default().settings_sha256, None);
+    }
 
     fn load(text: &str) -> Result<Settings, SettingsError> {
         let raw = Settings::parse(text, "/etc/slipway/slipway.toml")?;
@@ -453,6 +599,7 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:1500");
         assert_eq!(s.metrics_listen.to_string(), "127.0.0.1:9500");
         assert_eq!(s.data_dir, PathBuf::from("./var"));
+        assert_eq!(s.spill_dir, PathBuf::from("./var/spill"));
         assert_eq!(s.bandwidth_bytes_per_sec, 0);
         assert!(s.compression);
         assert_eq!(s.frame_timeout, slipway_net::MID_FRAME_TIMEOUT);
@@ -472,6 +619,7 @@ mod tests {
             bandwidth_mbps = 100
             compression = false
             capture_memory = "4MiB"
+            spill_dir = "/var/tmp/slipway-spill"
             [quic]
             congestion = "bbr"
             stream_window = "8MiB"
@@ -485,6 +633,47 @@ mod tests {
         assert_eq!(s.tuning.stream_window, 8 << 20);
         assert!(!s.compression);
         assert_eq!(s.capture_memory_bytes, 4 << 20);
+        assert_eq!(s.spill_dir, PathBuf::from("/var/tmp/slipway-spill"));
+    }
+
+    #[test]
+    fn source_bandwidth_limits() {
+        let s = load(
+            r#"
+            [replication]
+            source_bandwidth_mbps = 50
+            [sources.web]
+            bandwidth_mbps = 2.5
+            [sources.db]
+            bandwidth_mbps = 0
+            [sources.other]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.bandwidth_for("web"), 2_500_000);
+        assert_eq!(s.bandwidth_for("db"), 0, "0 lifts the default for db");
+        assert_eq!(s.bandwidth_for("other"), 50_000_000);
+        assert_eq!(s.bandwidth_for("unlisted"), 50_000_000);
+        assert_eq!(Settings::local_default().bandwidth_for("web"), 0);
+        for (text, key) in [
+            (
+                "[sources.web]\nbandwidth_mbps = -1\n",
+                "sources.web.bandwidth_mbps",
+            ),
+            (
+                "[sources.web]\nbandwidth_mbps = 0.01\n",
+                "sources.web.bandwidth_mbps",
+            ),
+            ("[sources.web]\nbandwidth_mps = 1\n", "bandwidth_mps"),
+            ("[sources.\"a b\"]\nbandwidth_mbps = 1\n", "sources.a b"),
+            (
+                "[replication]\nsource_bandwidth_mbps = 2e6\n",
+                "replication.source_bandwidth_mbps",
+            ),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -558,17 +747,6 @@ mod tests {
 
         let e = load("this is not toml").unwrap_err().to_string();
         assert!(e.contains("/etc/slipway/slipway.toml"), "{e}");
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("5 parsecs").is_err());
-        assert!(parse_size("99999999999999999999GiB").is_err());
     }
 
     #[test]
