@@ -4,7 +4,9 @@
 //! user's tags. A server's identity volume (its data dir, `crate::identity_volume`):
 //! [`ROLE`]` = `[`ROLE_IDENTITY`], [`TEMPLATE`], [`SERVER_INDEX`], [`SERVER`]. The server's
 //! instance: [`TLS_FINGERPRINT`], set by the server itself at start. Snapshots: the volume's tags (copied by CreateSnapshots, set explicitly by
-//! CreateSnapshot) plus [`RESTORE_POINT`], [`MARKER`], [`CREATED_MS`], [`TRIGGER`].
+//! CreateSnapshot) plus [`RESTORE_POINT`], [`MARKER`], [`CREATED_MS`], [`TRIGGER`], and [`KEEP`] on the
+//! restore points a finalized cutover kept. Replica volumes of a source in its launch
+//! lifecycle: [`LIFECYCLE`].
 
 use std::collections::BTreeMap;
 
@@ -37,6 +39,16 @@ pub const MARKER: &str = "slipway:marker";
 pub const CREATED_MS: &str = "slipway:created-ms";
 /// `scheduled` or `on_demand`.
 pub const TRIGGER: &str = "slipway:trigger";
+/// On a restore point's snapshots: kept whatever the PIT policy says (never pruned by the
+/// server). Value [`KEEP_FINALIZED`] when `slipway cutover finalize` kept it.
+pub const KEEP: &str = "slipway:keep";
+/// Value of [`KEEP`] on the restore points a finalized cutover kept. A source with such a
+/// restore point is finalized: its server refuses it and takes no more restore points.
+pub const KEEP_FINALIZED: &str = "cutover-finalized";
+/// On a source's replica volumes: where the source is in its launch lifecycle, as the last
+/// lifecycle command recorded it (`ready-for-cutover`, `cutover-complete`); see
+/// `slipway_fleet::lifecycle`.
+pub const LIFECYCLE: &str = "slipway:lifecycle";
 
 /// A tag specification for a create call.
 pub(crate) fn spec<'a>(
