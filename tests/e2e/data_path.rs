@@ -403,14 +403,17 @@ fn a_late_pass_record_never_overwrites_the_next_sessions_metadata() {
     let src = d.path().join("l.img");
     make_disk(&src, 4 << 20, 23);
     let mut first = Agent::start(&server, "late", &token, &[&src], &["--follow"]);
-    wait_until(
+    // A bound, not a timing: 5 s alone, but starved beside the 100-agent storm test on a
+    // loaded 2-core machine it once took more than 60 s.
+    wait_until_or(
         "the pass record to be held",
-        Duration::from_secs(60),
+        Duration::from_secs(240),
         || {
             server
                 .log()
                 .contains("failpoint pass-completed-before-record: pausing")
         },
+        || format!("server log:\n{}\nagent log:\n{}", server.log(), first.log_text()),
     );
     // The agent goes away while the record is held; a new run connects at once.
     first.child.kill().unwrap();
