@@ -544,3 +544,192 @@ fn a_throttled_snapshot_request_holds_the_writes_no_longer_than_the_bound() {
     );
     drop(agent);
 }
+
+/// Tags every snapshot of restore point `rp` with `slipway:keep = value`, as `slipway cutover
+/// finalize` (or an operator) does.
+async fn keep_restore_point(env: &MotoEnv, rp: &str, value: &str) -> usize {
+    let ids: Vec<String> = env
+        .snapshots()
+        .await
+        .iter()
+        .filter(|s| {
+            tag_map(s.tags())
+                .get("slipway:restore-point")
+                .map(String::as_str)
+                == Some(rp)
+        })
+        .filter_map(|s| s.snapshot_id().map(str::to_string))
+        .collect();
+    env.ec2
+        .create_tags()
+        .set_resources(Some(ids.clone()))
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("slipway:keep")
+                .value(value)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    ids.len()
+}
+
+/// Restore-point ids that have snapshots, with how many.
+async fn snapshots_by_rp(env: &MotoEnv) -> BTreeMap<String, usize> {
+    let mut by_rp: BTreeMap<String, usize> = BTreeMap::new();
+    for s in env.snapshots().await {
+        if let Some(id) = tag_map(s.tags()).remove("slipway:restore-point") {
+            *by_rp.entry(id).or_default() += 1;
+        }
+    }
+    by_rp
+}
+
+/// The launch lifecycle's end on the server (issue 14 item 4): a restore point whose
+/// snapshots carry `slipway:keep` is outside the PIT policy (never pruned, never deleted by
+/// `restore-points delete`), and once one of a source's restore points is kept as
+/// `cutover-finalized` (`slipway cutover finalize`) the server closes the source's connection
+/// with a refusal the agent does not retry, refuses it from then on, and takes no more
+/// restore points of it.
+#[test]
+fn kept_restore_points_are_never_pruned_and_a_finalized_source_is_refused() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let env = moto_env(&rt);
+    let imds = rt.block_on(imds_of(&env));
+    let d = tempfile::tempdir().unwrap();
+    let devs = env.moto.device_dir.clone();
+    let cfg = d.path().join("slipway.toml");
+    // A point every 2 s, one kept: scheduled points are pruned within seconds of the next.
+    std::fs::write(
+        &cfg,
+        "backend = \"aws\"\n[aws]\nregion = \"us-east-1\"\nserver_tag = \"e2e\"\npoll_interval = \"100ms\"\n\
+         wait_timeout = \"30s\"\ndescribe_interval = \"1s\"\n[pit]\ntiers = [{ every = \"2s\", keep = 1 }]\n",
+    )
+    .unwrap();
+    let endpoint = env.moto.endpoint();
+    let devs_s = devs.to_str().unwrap().to_string();
+    let envs: Vec<(&str, &str)> = vec![
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint.as_str()),
+        ("SLIPWAY_AWS_DEVICE_MAP_DIR", devs_s.as_str()),
+    ];
+    let var = d.path().join("var");
+    let server = Server::start_env(
+        &var,
+        "127.0.0.1:0",
+        &["--config", cfg.to_str().unwrap()],
+        &envs,
+    );
+    let token = server.token("web");
+    let a = d.path().join("a.img");
+    make_disk(&a, 8 << 20, 41);
+    let mut agent = Agent::start(&server, "web", &token, &[&a], &["--follow"]);
+    let logs = |server: &Server, agent: &Agent| {
+        format!(
+            "server log:\n{}\nagent log:\n{}",
+            server.log(),
+            agent.log_text()
+        )
+    };
+    // The first scheduled point, kept by an operator's tag as soon as it is listed.
+    let mut kept: Option<String> = None;
+    wait_until_or(
+        "a scheduled restore point to keep",
+        Duration::from_secs(120),
+        || {
+            kept = server
+                .restore_points()
+                .iter()
+                .find(|r| {
+                    r["trigger"] == "scheduled"
+                        && r["snapshots"].as_array().is_some_and(|s| !s.is_empty())
+                })
+                .and_then(|r| r["id"].as_str().map(str::to_string));
+            kept.is_some()
+        },
+        || logs(&server, &agent),
+    );
+    let kept = kept.unwrap();
+    assert_eq!(rt.block_on(keep_restore_point(&env, &kept, "operator")), 1);
+    // Three prunes later (every other point is gone within seconds of its successor), the
+    // kept one is still there, whole.
+    let pruned = |server: &Server| {
+        let (_, m) = server.http_get("/metrics");
+        metric(&m, "slipway_restore_points_pruned_total{source=\"web\"} ")
+    };
+    let before = pruned(&server);
+    wait_until_or(
+        "the PIT policy to prune three more restore points",
+        Duration::from_secs(120),
+        || pruned(&server) >= before + 3.0,
+        || logs(&server, &agent),
+    );
+    let by_rp = rt.block_on(snapshots_by_rp(&env));
+    assert_eq!(
+        by_rp.get(&kept),
+        Some(&1),
+        "the kept restore point {kept} was pruned: {by_rp:?}\n{}",
+        logs(&server, &agent)
+    );
+    // The policy itself leaves it out (the backend's own refusal of the delete is the
+    // second guard): at most the ticks before the shared listing showed the tag (one
+    // describe_interval, 1 s; ticks are 1 s apart) tried to prune it.
+    let tries = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("pruning a restore point failed") && l.contains(kept.as_str()))
+        .count();
+    assert!(
+        tries <= 3,
+        "the policy tried to prune the kept restore point {tries} times\n{}",
+        logs(&server, &agent)
+    );
+    // An operator's delete is refused too, and says why.
+    let (ok, out, err) = server.cli(&["restore-points", "delete", &kept]);
+    assert!(!ok, "deleting a kept restore point succeeded: {out}");
+    assert!(err.contains("kept"), "{err}");
+    assert_eq!(rt.block_on(snapshots_by_rp(&env)).get(&kept), Some(&1));
+
+    // Finalized: the agent is told and stops for good (a permanent refusal, not a retry).
+    rt.block_on(keep_restore_point(&env, &kept, "cutover-finalized"));
+    let st = agent.wait(Duration::from_secs(60));
+    assert!(!st.success(), "the agent of a finalized source exited 0");
+    assert!(
+        agent.log_text().contains("finalized"),
+        "{}",
+        logs(&server, &agent)
+    );
+    let (_, m) = server.http_get("/metrics");
+    assert_eq!(metric(&m, "slipway_sources_finalized "), 1.0, "{m}");
+    let points = server.restore_points().len();
+    // A new agent of the source is refused at its hello.
+    let mut again = Agent::start(&server, "web", &token, &[&a], &["--follow"]);
+    let st = again.wait(Duration::from_secs(60));
+    assert!(!st.success());
+    assert!(
+        again.log_text().contains("finalized"),
+        "{}",
+        again.log_text()
+    );
+    // Refused at its hello, not let in and closed at the scheduler's next look.
+    assert!(
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains("refused agent") && l.contains("finalized")),
+        "{}",
+        server.log()
+    );
+    // And no restore point of it is taken on demand.
+    let (ok, _, err) = server.cli(&["restore-points", "create", "--source", "web"]);
+    assert!(!ok);
+    assert!(err.contains("finalized"), "{err}");
+    assert_eq!(server.restore_points().len(), points);
+}

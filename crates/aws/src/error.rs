@@ -68,6 +68,9 @@ pub enum AwsError {
     /// Snapshots EC2 refused to delete because an image uses them (`InvalidSnapshot.InUse`).
     #[error("snapshots {} are in use by an image (a launch registers one from a restore point); the restore point is kept until the image is deregistered", snapshot_ids.join(", "))]
     SnapshotInUse { snapshot_ids: Vec<String> },
+    /// A restore point whose snapshots carry `slipway:keep`: never deleted by the server.
+    #[error("restore point {rp_id} is kept (slipway:keep = {keep}); remove the tag from its snapshots to delete it")]
+    Kept { rp_id: String, keep: String },
     /// AWS answered something this backend cannot make sense of, or resources are in a state
     /// it will not touch (for example a replica attached to another running instance).
     #[error("{0}")]
@@ -161,7 +164,8 @@ impl From<AwsError> for BackendError {
             AwsError::Permanent { .. }
             | AwsError::Device { .. }
             | AwsError::Settings { .. }
-            | AwsError::Conflict(_) => BackendError::Permanent(e.to_string()),
+            | AwsError::Conflict(_)
+            | AwsError::Kept { .. } => BackendError::Permanent(e.to_string()),
             AwsError::SnapshotInUse { .. } => BackendError::InUse(e.to_string()),
         }
     }

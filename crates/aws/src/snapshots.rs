@@ -512,6 +512,14 @@ impl AwsBackend {
         let snaps = self
             .restore_point_snapshots(vec![tag_filter(tags::RESTORE_POINT, rp_id)])
             .await?;
+        // Checked on this fresh describe too, not only on the cached list the server's
+        // policy reads: a keep tag set since the last refresh still stops the delete.
+        if let Some(keep) = snaps.iter().find_map(|s| s.tags.get(tags::KEEP)) {
+            return Err(AwsError::Kept {
+                rp_id: rp_id.to_string(),
+                keep: keep.clone(),
+            });
+        }
         // Every snapshot is tried: one an image uses is kept (EC2 refuses it), the others go,
         // and the restore point is reported in use so its manifest stays and the prune is
         // retried later.
@@ -587,10 +595,18 @@ fn group_restore_points(snaps: Vec<SnapInfo>) -> Vec<RemoteRestorePoint> {
                     marker_id: marker,
                     trigger,
                     snapshots: vec![],
+                    keep: None,
                 },
                 BTreeMap::new(),
             )
         });
+        // One snapshot of the point carrying the tag keeps the whole point.
+        // A finalized cutover's keep wins over any other reason to keep.
+        if let Some(k) = t.get(tags::KEEP) {
+            if entry.0.keep.as_deref() != Some(tags::KEEP_FINALIZED) {
+                entry.0.keep = Some(k.clone());
+            }
+        }
         let rank = |st: &str| match st {
             "completed" => 0,
             "pending" => 1,
@@ -667,5 +683,20 @@ mod tests {
             .collect();
         assert_eq!(ids, [("a", "snap-4"), ("b", "snap-1")]);
         assert_eq!(rps[1].snapshots[0].state, "pending");
+    }
+
+    #[test]
+    fn a_keep_tag_on_any_snapshot_keeps_the_point_and_finalized_wins() {
+        let mut a = snap("snap-1", "rp-1", "a", 1000, "completed", 1);
+        a.tags.insert(tags::KEEP.into(), "operator".into());
+        let mut b = snap("snap-2", "rp-1", "b", 1000, "completed", 1);
+        b.tags
+            .insert(tags::KEEP.into(), tags::KEEP_FINALIZED.into());
+        let c = snap("snap-3", "rp-2", "a", 2000, "completed", 1);
+        let rps = group_restore_points(vec![a, b, c]);
+        assert_eq!(rps[0].keep.as_deref(), Some(tags::KEEP_FINALIZED));
+        assert!(rps[0].finalizes());
+        assert_eq!(rps[1].keep, None);
+        assert!(!rps[1].finalizes());
     }
 }

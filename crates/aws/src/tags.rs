@@ -44,7 +44,7 @@ pub const TRIGGER: &str = "slipway:trigger";
 pub const KEEP: &str = "slipway:keep";
 /// Value of [`KEEP`] on the restore points a finalized cutover kept. A source with such a
 /// restore point is finalized: its server refuses it and takes no more restore points.
-pub const KEEP_FINALIZED: &str = "cutover-finalized";
+pub const KEEP_FINALIZED: &str = slipway_backend::KEEP_FINALIZED;
 /// On a source's replica volumes: where the source is in its launch lifecycle, as the last
 /// lifecycle command recorded it (`ready-for-cutover`, `cutover-complete`); see
 /// `slipway_fleet::lifecycle`.

@@ -133,6 +133,21 @@ pub struct RemoteRestorePoint {
     pub marker_id: u64,
     pub trigger: String,
     pub snapshots: Vec<RemoteSnapshot>,
+    /// Kept whatever the PIT policy says (the `slipway:keep` tag on AWS): the server never
+    /// prunes it. [`KEEP_FINALIZED`] when a finalized cutover kept it.
+    pub keep: Option<String>,
+}
+
+/// [`RemoteRestorePoint::keep`] of the restore points `slipway cutover finalize` kept. A
+/// source with such a restore point is finalized: replication of it has ended for good, so
+/// the server refuses its agent and takes no more restore points of it.
+pub const KEEP_FINALIZED: &str = "cutover-finalized";
+
+impl RemoteRestorePoint {
+    /// Kept by a finalized cutover: its source is finalized.
+    pub fn finalizes(&self) -> bool {
+        self.keep.as_deref() == Some(KEEP_FINALIZED)
+    }
 }
 
 /// Remote snapshots (EBS). The local default needs none: its restore points are the local

@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     pub rp: restore::RestorePoints,
     pub volumes: Arc<dyn backend::VolumeBackend>,
     pub snapshots: Option<Arc<dyn backend::SnapshotBackend>>,
+    /// Sources whose cutover was finalized (`restore::Inner::refresh_finalized`): refused.
+    pub finalized: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Inner {
@@ -574,6 +576,7 @@ pub async fn run(
         metrics,
         token_key,
         revoked: Mutex::new(RevokedCache::default()),
+        finalized: Mutex::new(Default::default()),
         fingerprint: fingerprint.clone(),
         started: Instant::now(),
         disks: Mutex::new(BTreeMap::new()),

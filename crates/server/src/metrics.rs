@@ -57,6 +57,8 @@ pub struct Metrics {
     pub flush_seconds: Histogram,
     pub ack_latency: Histogram,
     pub agents_connected: IntGauge,
+    /// Sources whose cutover was finalized, as the server last saw them.
+    pub sources_finalized: IntGauge,
     pub quic_connection_window: IntGauge,
     pub connections: IntCounterVec,
     pub rejected: IntCounterVec,
@@ -176,6 +178,14 @@ impl Metrics {
                 IntGauge::new(
                     "slipway_agents_connected",
                     "Agents with an authenticated connection.",
+                )
+                .unwrap(),
+            ),
+            sources_finalized: reg(
+                &r,
+                IntGauge::new(
+                    "slipway_sources_finalized",
+                    "Sources whose cutover was finalized (a restore point kept by `slipway cutover finalize`): refused, no more restore points.",
                 )
                 .unwrap(),
             ),

@@ -56,6 +56,13 @@ pub enum RpError {
     /// writes were let go and the point fails (the scheduler tries again later).
     #[error("the snapshot requests were not accepted within {0:?} while the source's writes were held (AWS throttling?); released the writes, will retry")]
     HoldExceeded(Duration),
+    /// The restore point is kept whatever the policy says (`slipway:keep`, e.g. by a
+    /// finalized cutover): deleting it is refused.
+    #[error("restore point {id} is kept ({keep}): remove its snapshots' slipway:keep tag first to delete it")]
+    Kept { id: String, keep: String },
+    /// The source's cutover was finalized: no more restore points of it.
+    #[error("source {0} was finalized (cutover complete): it takes no more restore points")]
+    Finalized(String),
     #[error("snapshot backend: {0}")]
     Backend(#[from] crate::backend::BackendError),
     #[error(transparent)]
@@ -254,6 +261,11 @@ impl Drop for Cleanup {
 impl Inner {
     /// Why `source` cannot have a restore point now, if it cannot.
     pub(crate) fn rp_blocker(&self, source: &str) -> Option<String> {
+        if self.is_finalized(source) {
+            return Some(
+                "it was finalized (cutover complete): it takes no more restore points".into(),
+            );
+        }
         let conn = self
             .sessions
             .lock()
@@ -308,6 +320,9 @@ impl Inner {
         id: String,
         trigger: Trigger,
     ) -> Result<Manifest, RpError> {
+        if self.is_finalized(source) {
+            return Err(RpError::Finalized(source.to_string()));
+        }
         let lock = self.rp.lock_for(source);
         let _guard = lock.lock().await;
         let started = Instant::now();
@@ -327,6 +342,7 @@ impl Inner {
             }
             Err(RpError::NotEligible { .. })
             | Err(RpError::NotConnected(_))
+            | Err(RpError::Finalized(_))
             | Err(RpError::Busy(_)) => {}
             Err(e) => {
                 m.failed.with_label_values(&[source]).inc();
@@ -578,6 +594,12 @@ impl Inner {
             Some(sb) => sb.list(None).await?.into_iter().find(|r| r.rp_id == id),
             None => None,
         };
+        if let Some(keep) = remote.as_ref().and_then(|r| r.keep.clone()) {
+            return Err(RpError::Kept {
+                id: id.to_string(),
+                keep,
+            });
+        }
         let source = match (&local, &remote) {
             (Some(m), _) => m.source.clone(),
             (None, Some(r)) => r.source.clone(),
@@ -609,11 +631,21 @@ impl Inner {
     }
 
     /// Restore points of a source for the policy: local manifests, plus (with remote
-    /// snapshots) restore points only the backend still knows.
+    /// snapshots) restore points only the backend still knows. A kept one (`slipway:keep`)
+    /// is outside the policy: it neither fills a slot nor is ever pruned.
     async fn policy_points(
         self: &Arc<Self>,
         source: &str,
     ) -> Result<Vec<slipway_pit::RestorePoint>, RpError> {
+        let remote = match &self.snapshots {
+            Some(sb) => sb.list(Some(source)).await?,
+            None => Vec::new(),
+        };
+        let kept: std::collections::HashSet<&str> = remote
+            .iter()
+            .filter(|r| r.keep.is_some())
+            .map(|r| r.rp_id.as_str())
+            .collect();
         let store = self.rp.store.clone();
         let src = source.to_string();
         let list = tokio::task::spawn_blocking(move || store.list(Some(&src)))
@@ -621,21 +653,20 @@ impl Inner {
             .map_err(|e| RpError::Internal(e.to_string()))??;
         let mut points: Vec<slipway_pit::RestorePoint> = list
             .iter()
+            .filter(|m| !kept.contains(m.id.as_str()))
             .map(|m| slipway_pit::RestorePoint {
                 id: m.id.clone(),
                 taken_at: m.created_unix_ms / 1000,
                 scheduled: m.trigger == Trigger::Scheduled.as_str(),
             })
             .collect();
-        if let Some(sb) = &self.snapshots {
-            for r in sb.list(Some(source)).await? {
-                if !points.iter().any(|p| p.id == r.rp_id) {
-                    points.push(slipway_pit::RestorePoint {
-                        id: r.rp_id,
-                        taken_at: r.created_unix_ms / 1000,
-                        scheduled: r.trigger == Trigger::Scheduled.as_str(),
-                    });
-                }
+        for r in &remote {
+            if r.keep.is_none() && !points.iter().any(|p| p.id == r.rp_id) {
+                points.push(slipway_pit::RestorePoint {
+                    id: r.rp_id.clone(),
+                    taken_at: r.created_unix_ms / 1000,
+                    scheduled: r.trigger == Trigger::Scheduled.as_str(),
+                });
             }
         }
         Ok(points)
@@ -663,6 +694,7 @@ impl Inner {
                     .iter()
                     .map(|s| serde_json::json!({"disk": s.disk, "snapshot_id": s.snapshot_id, "state": s.state}))
                     .collect::<Vec<_>>()));
+                v["keep"] = serde_json::json!(r.and_then(|r| r.keep.clone()));
             }
             // Changed bytes between consecutive restore points of the same disk.
             for pair in list.windows(2) {
@@ -698,6 +730,7 @@ impl Inner {
                     "disks": r.snapshots.iter().map(|s| serde_json::json!({"id": s.disk})).collect::<Vec<_>>(),
                     "snapshots": r.snapshots.iter().map(|s| serde_json::json!({"disk": s.disk, "snapshot_id": s.snapshot_id, "state": s.state})).collect::<Vec<_>>(),
                     "manifest": false,
+                    "keep": r.keep,
                 }));
             }
         }
@@ -802,6 +835,61 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether the source's cutover was finalized (as of the scheduler's last look).
+    pub(crate) fn is_finalized(&self, source: &str) -> bool {
+        self.finalized.lock().unwrap().contains(source)
+    }
+
+    /// Learns which sources a finalized cutover ended (a restore point of theirs kept as
+    /// [`slipway_backend::KEEP_FINALIZED`]; `slipway cutover finalize` tags it) from the
+    /// backend's restore-point list, which the AWS backend answers from its one batched,
+    /// cached describe: no extra API call. A newly finalized source's connection is closed
+    /// with the reason, as a refusal the agent does not retry; its hellos are refused from
+    /// then on (`session.rs`), and the scheduler takes no more restore points of it.
+    async fn refresh_finalized(self: &Arc<Self>) {
+        let Some(sb) = &self.snapshots else {
+            return;
+        };
+        let list = match sb.list(None).await {
+            Ok(l) => l,
+            // Keep the last answer (the AWS backend already retries with backoff).
+            Err(_) => return,
+        };
+        let now: std::collections::BTreeSet<String> = list
+            .iter()
+            .filter(|r| r.finalizes())
+            .map(|r| r.source.clone())
+            .collect();
+        let all: std::collections::BTreeSet<String> = {
+            let mut f = self.finalized.lock().unwrap();
+            for source in now.difference(&f) {
+                tracing::warn!(%source, "source finalized (cutover complete): replication of it ends here");
+            }
+            // The tags are the record: an operator who removes the keep tag (a finalize
+            // by mistake) lets the source's agent back in.
+            *f = now;
+            self.metrics.sources_finalized.set(f.len() as i64);
+            f.clone()
+        };
+        // Every tick, not only when a source is newly seen: a hello checked just before the
+        // set grew may register its session after this look.
+        let conns: Vec<Arc<crate::session::Conn>> = self
+            .sessions
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(source, _)| all.contains(*source))
+            .map(|(_, (_, c))| c.clone())
+            .collect();
+        for c in conns {
+            tracing::warn!(source = %c.source, "closing the connection of a finalized source");
+            c.close(
+                crate::session::CLOSE_UNAUTHORIZED,
+                finalized_refusal(&c.source).as_bytes(),
+            );
+        }
+    }
+
     /// The snapshot scheduler: takes scheduled restore points when the policy says so and
     /// prunes what it no longer keeps. Ticks once a second; decisions come from `slipway-pit`.
     pub(crate) async fn schedule(self: Arc<Self>) {
@@ -813,9 +901,10 @@ impl Inner {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
+            self.refresh_finalized().await;
             let sources: Vec<String> = self.sessions.lock().unwrap().keys().cloned().collect();
             for source in sources {
-                if self.rp_blocker(&source).is_some() {
+                if self.is_finalized(&source) || self.rp_blocker(&source).is_some() {
                     continue;
                 }
                 let Ok(points) = self.policy_points(&source).await else {
@@ -839,6 +928,14 @@ impl Inner {
             }
         }
     }
+}
+
+/// What an agent of a finalized source is told (on the refusal of its hello, and as the reason
+/// its connection is closed): the agent stops instead of reconnecting.
+pub(crate) fn finalized_refusal(source: &str) -> String {
+    format!(
+        "source {source} was finalized (cutover complete): replication of it has ended; stop and remove its agent"
+    )
 }
 
 /// SHA-256 of an all-zero block of the length block `b` has on a disk of `size` bytes.

@@ -220,11 +220,21 @@ pub(crate) async fn run(inner: Arc<Inner>, incoming: quinn::Incoming) {
         _ => None,
     };
     let mut refusal: Option<String> = None;
+    let finalized = inner.finalized.lock().unwrap().clone();
     let authorize = |src: &str, cred: &str| {
         let r = match &revoked {
             Ok(list) => key
                 .check(src, cred, now_unix, list)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.to_string())
+                // Only to an agent with a valid token: whether a source was finalized is the
+                // business of its owner alone.
+                .and_then(|()| {
+                    if finalized.contains(src) {
+                        Err(crate::restore::finalized_refusal(src))
+                    } else {
+                        Ok(())
+                    }
+                }),
             Err(e) => Err(format!(
                 "the server cannot read its token revocation list: {e}"
             )),

@@ -206,3 +206,64 @@ async fn volumes_not_all_attached_here_get_one_snapshot_call_each() {
     assert!(err.to_string().contains("disk-z"), "{err}");
     assert_eq!(b.list(Some("src-1")).await.unwrap().len(), 1);
 }
+
+/// A restore point whose snapshots carry `slipway:keep` (an operator's, or a finalized
+/// cutover's) is listed with it and is never deleted: the delete reads the tags on its own
+/// fresh describe, so a tag set after the server's last cached listing still stops it.
+#[tokio::test]
+async fn a_kept_restore_point_is_listed_as_kept_and_never_deleted() {
+    let env = MotoEnv::start().await;
+    let settings = fast_settings();
+    let describe_interval = settings.describe_interval;
+    let clock = std::sync::Arc::new(slipway_aws::ManualClock::default());
+    let mut b = env.backend(settings).await;
+    b.set_clock(clock.clone());
+    let v = b
+        .ensure(&VolumeRequest {
+            source: "src-1".into(),
+            disk: "disk-a".into(),
+            size: GIB,
+        })
+        .await
+        .unwrap();
+    let vols = [("disk-a", v.volume_id.as_str())];
+    let made = b
+        .create(&rp("rp-1", "src-1", 1, 1_000, &vols))
+        .await
+        .unwrap();
+    b.create(&rp("rp-2", "src-1", 2, 2_000, &vols))
+        .await
+        .unwrap();
+    // Listed (and cached) before the tag exists.
+    assert!(b.list(None).await.unwrap().iter().all(|r| r.keep.is_none()));
+    env.ec2
+        .create_tags()
+        .resources(&made[0].snapshot_id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("slipway:keep")
+                .value(slipway_backend::KEEP_FINALIZED)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let err = b.delete("rp-1").await.unwrap_err();
+    assert!(
+        matches!(&err, slipway_backend::BackendError::Permanent(m) if m.contains("kept")),
+        "{err:?}"
+    );
+    assert_eq!(env.snapshots().await.len(), 2, "nothing was deleted");
+    // The next refresh of the shared listing shows it kept, and its source finalized.
+    clock.advance(describe_interval);
+    let list = b.list(None).await.unwrap();
+    assert_eq!(list[0].rp_id, "rp-1");
+    assert_eq!(
+        list[0].keep.as_deref(),
+        Some(slipway_backend::KEEP_FINALIZED)
+    );
+    assert!(list[0].finalizes());
+    assert_eq!(list[1].keep, None);
+    b.delete("rp-2").await.unwrap();
+    assert_eq!(env.snapshots().await.len(), 1);
+}
