@@ -413,7 +413,13 @@ fn a_late_pass_record_never_overwrites_the_next_sessions_metadata() {
                 .log()
                 .contains("failpoint pass-completed-before-record: pausing")
         },
-        || format!("server log:\n{}\nagent log:\n{}", server.log(), first.log_text()),
+        || {
+            format!(
+                "server log:\n{}\nagent log:\n{}",
+                server.log(),
+                first.log_text()
+            )
+        },
     );
     // The agent goes away while the record is held; a new run connects at once.
     first.child.kill().unwrap();

@@ -66,8 +66,10 @@ pub enum Prepare {
     Refuse(String),
 }
 
-/// The decision from the first bytes of the device (up to [`PROBE_BYTES`]). Pure.
-pub fn decide(head: &[u8]) -> Prepare {
+/// The decision from the first bytes of the device (up to [`PROBE_BYTES`]) and its last
+/// ones (`tail`, up to [`PROBE_BYTES`]: a GPT's backup header, an md or LVM signature at the
+/// end, a filesystem that lost its head). Pure.
+pub fn decide(head: &[u8], tail: &[u8]) -> Prepare {
     if head.len() < PROBE_BYTES {
         return Prepare::Refuse(format!(
             "only {} bytes could be read; an identity volume has at least {PROBE_BYTES}",
@@ -86,10 +88,16 @@ pub fn decide(head: &[u8]) -> Prepare {
             ))
         };
     }
-    match head[..PROBE_BYTES].iter().position(|b| *b != 0) {
+    if let Some(at) = head[..PROBE_BYTES].iter().position(|b| *b != 0) {
+        return Prepare::Refuse(format!(
+            "it is not empty (a non-zero byte at offset {at}) and holds no {IDENTITY_LABEL:?} filesystem; not formatting over it"
+        ));
+    }
+    match tail.iter().position(|b| *b != 0) {
         None => Prepare::Format,
         Some(at) => Prepare::Refuse(format!(
-            "it is not empty (a non-zero byte at offset {at}) and holds no {IDENTITY_LABEL:?} filesystem; not formatting over it"
+            "its start is empty but not its end (a non-zero byte {} bytes before the end: a GPT backup header or a RAID signature, say); not formatting over it",
+            tail.len() - at
         )),
     }
 }
@@ -148,6 +156,20 @@ pub fn read_head(device: &Path) -> Result<Vec<u8>, IdentityVolumeError> {
     Ok(head)
 }
 
+/// Reads the last [`PROBE_BYTES`] of `device` (all of it if it is smaller).
+pub fn read_tail(device: &Path) -> Result<Vec<u8>, IdentityVolumeError> {
+    use std::io::{Seek, SeekFrom};
+    let what = || format!("reading the end of {}", device.display());
+    let mut f = std::fs::File::open(device).map_err(io(format!("opening {}", device.display())))?;
+    // The length of a block device is where its end seeks to (its metadata says 0).
+    let len = f.seek(SeekFrom::End(0)).map_err(io(what()))?;
+    f.seek(SeekFrom::Start(len.saturating_sub(PROBE_BYTES as u64)))
+        .map_err(io(what()))?;
+    let mut tail = Vec::with_capacity(PROBE_BYTES);
+    f.read_to_end(&mut tail).map_err(io(what()))?;
+    Ok(tail)
+}
+
 fn run(cmd: &mut Command) -> Result<(), IdentityVolumeError> {
     let shown = format!("{cmd:?}");
     let out = cmd
@@ -194,7 +216,7 @@ pub fn mount_identity(device: &Path, mount_point: &Path) -> Result<Mounted, Iden
         device: device.to_owned(),
         reason,
     };
-    let done = match decide(&read_head(device)?) {
+    let done = match decide(&read_head(device)?, &read_tail(device)?) {
         Prepare::Mount => Mounted::Existing,
         Prepare::Refuse(reason) => return Err(refused(reason)),
         Prepare::Format => {
@@ -217,7 +239,8 @@ pub fn mount_identity(device: &Path, mount_point: &Path) -> Result<Mounted, Iden
             run(Command::new("mkfs.ext4")
                 .args(["-q", "-L", IDENTITY_LABEL, "-m", "0"])
                 .arg(device))?;
-            match decide(&read_head(device)?) {
+            // Our filesystem now: its head decides (mkfs writes metadata near the end too).
+            match decide(&read_head(device)?, &[]) {
                 Prepare::Mount => Mounted::Formatted,
                 other => {
                     return Err(refused(format!(
@@ -320,38 +343,50 @@ mod tests {
 
     #[test]
     fn a_new_volume_reads_zeros_and_is_formatted() {
-        assert_eq!(decide(&vec![0u8; PROBE_BYTES]), Prepare::Format);
-        assert_eq!(decide(&vec![0u8; PROBE_BYTES + 4096]), Prepare::Format);
+        assert_eq!(
+            decide(&vec![0u8; PROBE_BYTES], &vec![0u8; PROBE_BYTES]),
+            Prepare::Format
+        );
+        assert_eq!(decide(&vec![0u8; PROBE_BYTES + 4096], &[]), Prepare::Format);
     }
 
     #[test]
     fn our_filesystem_is_mounted_as_it_is() {
-        assert_eq!(decide(&ext4(IDENTITY_LABEL)), Prepare::Mount);
+        assert_eq!(decide(&ext4(IDENTITY_LABEL), &[1u8; 16]), Prepare::Mount);
     }
 
     #[test]
     fn anything_else_is_refused_never_formatted() {
         // Another ext4 (say, someone's data volume tagged by mistake).
-        let r = decide(&ext4("data"));
+        let r = decide(&ext4("data"), &[]);
         assert!(
             matches!(&r, Prepare::Refuse(m) if m.contains("\"data\"")),
             "{r:?}"
         );
-        let r = decide(&ext4("slipway-identit"));
+        let r = decide(&ext4("slipway-identit"), &[]);
         assert!(matches!(r, Prepare::Refuse(_)), "{r:?}");
         // A partition table (MBR signature), an XFS superblock at 0, one stray byte at the
         // end of the probed MiB: not empty, not ours.
         let mut mbr = vec![0u8; PROBE_BYTES];
         mbr[510] = 0x55;
         mbr[511] = 0xAA;
-        assert!(matches!(decide(&mbr), Prepare::Refuse(m) if m.contains("offset 510")));
+        assert!(matches!(decide(&mbr, &[]), Prepare::Refuse(m) if m.contains("offset 510")));
         let mut xfs = vec![0u8; PROBE_BYTES];
         xfs[..4].copy_from_slice(b"XFSB");
-        assert!(matches!(decide(&xfs), Prepare::Refuse(_)));
+        assert!(matches!(decide(&xfs, &[]), Prepare::Refuse(_)));
         let mut last = vec![0u8; PROBE_BYTES];
         last[PROBE_BYTES - 1] = 1;
-        assert!(matches!(decide(&last), Prepare::Refuse(_)));
+        assert!(matches!(decide(&last, &[]), Prepare::Refuse(_)));
+        // Empty at the start, not at the end: a GPT's backup header (the primary one lost),
+        // an md superblock (version 0.90 and 1.0 sit at the end).
+        let mut tail = vec![0u8; PROBE_BYTES];
+        tail[PROBE_BYTES - 512..PROBE_BYTES - 504].copy_from_slice(b"EFI PART");
+        let r = decide(&vec![0u8; PROBE_BYTES], &tail);
+        assert!(
+            matches!(&r, Prepare::Refuse(m) if m.contains("512 bytes before the end")),
+            "{r:?}"
+        );
         // Too short to tell: refused, not formatted.
-        assert!(matches!(decide(&[0u8; 4096]), Prepare::Refuse(_)));
+        assert!(matches!(decide(&[0u8; 4096], &[]), Prepare::Refuse(_)));
     }
 }

@@ -1931,6 +1931,18 @@ pub fn s4_continuous(ctx: &mut Ctx) -> Result<()> {
             "p99 ≤ 5 ms",
             verdict_le(stat(&p99), 5.0, "see notes"),
         );
+        // Against the disk's own floor, measured in the same run (issue 13): an fdatasync
+        // per write with no group commit.
+        if let (Some((_, fio_p99, _)), Some(sp)) = (fio_lat, stat(&p99)) {
+            let ratio = sp.median / fio_p99;
+            rep.target(
+                "4",
+                "same: durable-ack p99 ÷ fio's fdatasync p99 (10 jobs × 4 KiB randwrite + fdatasync, same filesystem, same run)",
+                format!("{ratio:.2}× ({:.2} ms ÷ {fio_p99:.2} ms)", sp.median),
+                "≤ 2×",
+                verdict_le(stat(&[ratio]), 2.0, "see notes"),
+            );
+        }
         rep.target(
             "4",
             "same: fdatasyncs per write received (group commit)",
@@ -2548,6 +2560,8 @@ pub fn s2_lossy_wan(ctx: &mut Ctx) -> Result<()> {
     let dst = ctx.work.join("wan-out.raw");
     // Ratios: best Slipway controller vs each TCP controller, per run.
     let mut ratio_vs: Vec<Vec<f64>> = vec![vec![]; tcp_ccs.len()];
+    // Slipway's best of cubic/bbr per run, Mbit/s: against the link's 1000 (issue 13).
+    let mut best_mbit: Vec<f64> = Vec::new();
     let mut sw_cpu = vec![];
     let per_run = cap.as_secs_f64() * (tcp_ccs.len() + quic_ccs.len()) as f64 + 20.0;
     for i in 0..ctx.runs {
@@ -2608,6 +2622,7 @@ pub fn s2_lossy_wan(ctx: &mut Ctx) -> Result<()> {
             }
             best = best.max(bps);
         }
+        best_mbit.push(best * 8.0 / 1e6);
         for (k, t) in tcp_run.iter().enumerate() {
             ratio_vs[k].push(best / t);
         }
@@ -2615,16 +2630,29 @@ pub fn s2_lossy_wan(ctx: &mut Ctx) -> Result<()> {
     let stats_tail = util::tail(&link.stats, 2);
     drop(link);
     let rep = &mut ctx.report;
+    // The target is the link (issue 13): 90% of 1 Gbit/s. Beside TCP the ratio is reported:
+    // against BBR a 3× target is beyond what the link can carry.
+    rep.target(
+        "2",
+        "lossy WAN (20 ms each way, 0.5% loss, 1 Gbit/s): Slipway over QUIC, best of cubic/bbr per run",
+        format!("{} Mbit/s", fmt_stat(stat(&best_mbit), 0)),
+        "≥ 900 Mbit/s (90% of the link)",
+        verdict_ge(stat(&best_mbit), 900.0, "see notes"),
+    );
     for (k, cc) in tcp_ccs.iter().enumerate() {
         rep.target(
             "2",
             &format!(
-                "lossy WAN (20 ms each way, 0.5% loss, 1 Gbit/s): Slipway over QUIC (best of cubic/bbr per run) ÷ nbdcopy over TCP-{cc}{}",
-                if *cc == host_cc { " (this host's default)" } else { "" }
+                "same: Slipway ÷ nbdcopy over TCP-{cc}{}",
+                if *cc == host_cc {
+                    " (this host's default)"
+                } else {
+                    ""
+                }
             ),
             format!("{}×", fmt_stat(stat(&ratio_vs[k]), 2)),
-            "≥ 3×",
-            verdict_ge(stat(&ratio_vs[k]), 3.0, "see notes"),
+            "reported (no target)",
+            "—".to_string(),
         );
         rep.raw(
             "2",

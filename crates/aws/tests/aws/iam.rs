@@ -131,3 +131,80 @@ fn iam_policy_lets_the_server_attach_its_identity_volume_and_publish_its_fingerp
         "replication-server"
     );
 }
+
+/// The AWS operations slipway-aws's sources call on its clients (`.ec2.op()`, `.ebs.op()`,
+/// across line breaks), as `service:PascalCaseOp`.
+fn operations_called_in_sources() -> BTreeSet<String> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = BTreeSet::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("rs") {
+            continue;
+        }
+        // Comments out, whitespace out: `self.ec2\n    .describe_volumes()` becomes
+        // `self.ec2.describe_volumes()`.
+        let code: String = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<String>()
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        for (client, service) in [(".ec2.", "ec2"), (".ebs.", "ebs")] {
+            for (at, _) in code.match_indices(client) {
+                let rest = &code[at + client.len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name.is_empty() || !rest[name.len()..].starts_with("()") {
+                    continue;
+                }
+                let pascal: String = name
+                    .split('_')
+                    .map(|w| {
+                        let mut c = w.chars();
+                        c.next()
+                            .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                found.insert(format!("{service}:{pascal}"));
+            }
+        }
+    }
+    found
+}
+
+/// The server's crate calls only what the server's policy grants. This is what keeps the
+/// operator's EC2 calls (RunInstances, TerminateInstances, RegisterImage, DeregisterImage,
+/// ModifyInstanceAttribute, …: crates/fleet) out of slipway-aws (docs/decisions.md): moved
+/// here, they would fail this test, because the replication server must never make them.
+#[test]
+fn the_backend_calls_only_what_the_servers_policy_grants() {
+    let called = operations_called_in_sources();
+    assert!(
+        called.contains("ec2:CreateSnapshots") && called.contains("ebs:GetSnapshotBlock"),
+        "the source scan found too little: {called:?}"
+    );
+    let listed: BTreeSet<String> = CALLED.iter().map(|s| s.to_string()).collect();
+    let unlisted: Vec<&String> = called.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "slipway-aws calls {unlisted:?}, which CALLED (and so the server's IAM policy) does not list"
+    );
+    let granted: BTreeSet<String> = policy()["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["Effect"] == "Allow")
+        .flat_map(|s| strings(&s["Action"]))
+        .collect();
+    let ungranted: Vec<&String> = called.difference(&granted).collect();
+    assert!(
+        ungranted.is_empty(),
+        "slipway-aws calls {ungranted:?}, which deploy/iam-policy.json does not grant"
+    );
+}
