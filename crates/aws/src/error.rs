@@ -164,8 +164,8 @@ impl From<AwsError> for BackendError {
             AwsError::Permanent { .. }
             | AwsError::Device { .. }
             | AwsError::Settings { .. }
-            | AwsError::Conflict(_)
-            | AwsError::Kept { .. } => BackendError::Permanent(e.to_string()),
+            | AwsError::Conflict(_) => BackendError::Permanent(e.to_string()),
+            AwsError::Kept { .. } => BackendError::Kept(e.to_string()),
             AwsError::SnapshotInUse { .. } => BackendError::InUse(e.to_string()),
         }
     }

@@ -21,10 +21,11 @@
 //!   stopped or terminated previous server, refused while another server runs with it), and
 //!   mounts it on the data dir ([`mount_identity`]).
 //!
-//! Formatting is decided from the device's first MiB alone, by [`decide`] (no I/O, unit
-//! tested): an ext4 filesystem labelled [`IDENTITY_LABEL`] is mounted as it is; an all-zero
-//! first MiB — what a new EBS volume reads — is formatted, then mounted; anything else
-//! (another filesystem, another label, a partition table, any non-zero byte) is refused, so
+//! Formatting is decided from the device's first and last MiB, by [`decide`] (no I/O, unit
+//! tested): an ext4 filesystem labelled [`IDENTITY_LABEL`] is mounted as it is; all zeros at
+//! both ends — what a new EBS volume reads — is formatted, then mounted; anything else
+//! (another filesystem, another label, a partition table, a GPT backup header or RAID
+//! signature at the end, any non-zero byte, an end that cannot be read whole) is refused, so
 //! `mkfs` never runs over data. The label is the claim that the filesystem is ours; zeros are
 //! the proof that there is nothing to lose.
 
@@ -76,21 +77,18 @@ pub fn decide(head: &[u8], tail: &[u8]) -> Prepare {
             head.len()
         ));
     }
-    let magic = u16::from_le_bytes([head[EXT_MAGIC_AT], head[EXT_MAGIC_AT + 1]]);
-    if magic == EXT_MAGIC {
-        let raw = &head[EXT_LABEL_AT..EXT_LABEL_AT + 16];
-        let label = String::from_utf8_lossy(raw.split(|b| *b == 0).next().unwrap_or_default());
-        return if label == IDENTITY_LABEL {
-            Prepare::Mount
-        } else {
-            Prepare::Refuse(format!(
-                "it holds an ext2/3/4 filesystem labelled {label:?}, not {IDENTITY_LABEL:?}"
-            ))
-        };
+    if let Some(p) = decide_existing(head) {
+        return p;
     }
     if let Some(at) = head[..PROBE_BYTES].iter().position(|b| *b != 0) {
         return Prepare::Refuse(format!(
             "it is not empty (a non-zero byte at offset {at}) and holds no {IDENTITY_LABEL:?} filesystem; not formatting over it"
+        ));
+    }
+    if tail.len() < PROBE_BYTES {
+        return Prepare::Refuse(format!(
+            "only {} bytes at its end could be read; an empty volume is formatted only when its last {PROBE_BYTES} read as zeros",
+            tail.len()
         ));
     }
     match tail.iter().position(|b| *b != 0) {
@@ -100,6 +98,28 @@ pub fn decide(head: &[u8], tail: &[u8]) -> Prepare {
             tail.len() - at
         )),
     }
+}
+
+/// The decision for a device that holds an ext2/3/4 filesystem (from its first bytes):
+/// [`Prepare::Mount`] if it is ours, a refusal if it is another one; `None`: no such
+/// filesystem. Pure.
+fn decide_existing(head: &[u8]) -> Option<Prepare> {
+    if head.len() < EXT_LABEL_AT + 16 {
+        return None;
+    }
+    let magic = u16::from_le_bytes([head[EXT_MAGIC_AT], head[EXT_MAGIC_AT + 1]]);
+    if magic != EXT_MAGIC {
+        return None;
+    }
+    let raw = &head[EXT_LABEL_AT..EXT_LABEL_AT + 16];
+    let label = String::from_utf8_lossy(raw.split(|b| *b == 0).next().unwrap_or_default());
+    Some(if label == IDENTITY_LABEL {
+        Prepare::Mount
+    } else {
+        Prepare::Refuse(format!(
+            "it holds an ext2/3/4 filesystem labelled {label:?}, not {IDENTITY_LABEL:?}"
+        ))
+    })
 }
 
 /// Why the identity volume could not be mounted.
@@ -239,9 +259,9 @@ pub fn mount_identity(device: &Path, mount_point: &Path) -> Result<Mounted, Iden
             run(Command::new("mkfs.ext4")
                 .args(["-q", "-L", IDENTITY_LABEL, "-m", "0"])
                 .arg(device))?;
-            // Our filesystem now: its head decides (mkfs writes metadata near the end too).
-            match decide(&read_head(device)?, &[]) {
-                Prepare::Mount => Mounted::Formatted,
+            // Our filesystem now (mkfs writes metadata near the end too: the head decides).
+            match decide_existing(&read_head(device)?) {
+                Some(Prepare::Mount) => Mounted::Formatted,
                 other => {
                     return Err(refused(format!(
                     "after mkfs.ext4 it still does not read as an identity filesystem ({other:?})"
@@ -347,7 +367,10 @@ mod tests {
             decide(&vec![0u8; PROBE_BYTES], &vec![0u8; PROBE_BYTES]),
             Prepare::Format
         );
-        assert_eq!(decide(&vec![0u8; PROBE_BYTES + 4096], &[]), Prepare::Format);
+        assert_eq!(
+            decide(&vec![0u8; PROBE_BYTES + 4096], &vec![0u8; PROBE_BYTES]),
+            Prepare::Format
+        );
     }
 
     #[test]
@@ -384,6 +407,12 @@ mod tests {
         let r = decide(&vec![0u8; PROBE_BYTES], &tail);
         assert!(
             matches!(&r, Prepare::Refuse(m) if m.contains("512 bytes before the end")),
+            "{r:?}"
+        );
+        // An end that could not be read whole: refused, not taken for zeros.
+        let r = decide(&vec![0u8; PROBE_BYTES], &[0u8; 4096]);
+        assert!(
+            matches!(&r, Prepare::Refuse(m) if m.contains("at its end")),
             "{r:?}"
         );
         // Too short to tell: refused, not formatted.

@@ -49,6 +49,10 @@ pub enum BackendError {
     /// launch) and cannot be deleted until that is gone: keep it, try again later.
     #[error("{0}")]
     InUse(String),
+    /// The restore point is kept (`slipway:keep`) and is not deleted: as the backend saw on a
+    /// fresher look than the list the caller decided on.
+    #[error("{0}")]
+    Kept(String),
 }
 
 /// A source disk that needs a volume.

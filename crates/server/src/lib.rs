@@ -576,7 +576,10 @@ pub async fn run(
         metrics,
         token_key,
         revoked: Mutex::new(RevokedCache::default()),
-        finalized: Mutex::new(Default::default()),
+        finalized: Mutex::new(restore::load_finalized(&dir).map_err(io_err(format!(
+            "reading {}",
+            restore::finalized_path(&dir).display()
+        )))?),
         fingerprint: fingerprint.clone(),
         started: Instant::now(),
         disks: Mutex::new(BTreeMap::new()),
@@ -622,6 +625,7 @@ pub async fn run(
         inner.rp.refresh(&source)?;
     }
     let scheduler = tokio::spawn(inner.clone().schedule());
+    let finalized_watch = tokio::spawn(inner.clone().watch_finalized());
 
     let http_task = tokio::spawn(http::serve(http, inner.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_sock, inner.clone()));
@@ -666,6 +670,7 @@ pub async fn run(
     http_task.abort();
     admin_task.abort();
     scheduler.abort();
+    finalized_watch.abort();
     let _ = std::fs::remove_file(admin::socket_path(&dir));
     Ok(())
 }

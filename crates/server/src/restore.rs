@@ -641,34 +641,16 @@ impl Inner {
             Some(sb) => sb.list(Some(source)).await?,
             None => Vec::new(),
         };
-        let kept: std::collections::HashSet<&str> = remote
-            .iter()
-            .filter(|r| r.keep.is_some())
-            .map(|r| r.rp_id.as_str())
-            .collect();
         let store = self.rp.store.clone();
         let src = source.to_string();
         let list = tokio::task::spawn_blocking(move || store.list(Some(&src)))
             .await
             .map_err(|e| RpError::Internal(e.to_string()))??;
-        let mut points: Vec<slipway_pit::RestorePoint> = list
-            .iter()
-            .filter(|m| !kept.contains(m.id.as_str()))
-            .map(|m| slipway_pit::RestorePoint {
-                id: m.id.clone(),
-                taken_at: m.created_unix_ms / 1000,
-                scheduled: m.trigger == Trigger::Scheduled.as_str(),
-            })
+        let local: Vec<(String, u64, String)> = list
+            .into_iter()
+            .map(|m| (m.id, m.created_unix_ms, m.trigger))
             .collect();
-        for r in &remote {
-            if r.keep.is_none() && !points.iter().any(|p| p.id == r.rp_id) {
-                points.push(slipway_pit::RestorePoint {
-                    id: r.rp_id.clone(),
-                    taken_at: r.created_unix_ms / 1000,
-                    scheduled: r.trigger == Trigger::Scheduled.as_str(),
-                });
-            }
-        }
+        let points = policy_view(&local, &remote);
         Ok(points)
     }
 
@@ -814,7 +796,10 @@ impl Inner {
                 Ok(_) => {
                     self.rp.prune_deferred.lock().unwrap().remove(&id);
                 }
-                Err(RpError::Backend(crate::backend::BackendError::InUse(why))) => {
+                Err(RpError::Backend(
+                    crate::backend::BackendError::InUse(why)
+                    | crate::backend::BackendError::Kept(why),
+                )) => {
                     self.metrics
                         .restore_points
                         .prune_deferred
@@ -860,17 +845,31 @@ impl Inner {
             .filter(|r| r.finalizes())
             .map(|r| r.source.clone())
             .collect();
-        let all: std::collections::BTreeSet<String> = {
+        let (all, changed) = {
             let mut f = self.finalized.lock().unwrap();
             for source in now.difference(&f) {
                 tracing::warn!(%source, "source finalized (cutover complete): replication of it ends here");
             }
             // The tags are the record: an operator who removes the keep tag (a finalize
             // by mistake) lets the source's agent back in.
+            let changed = *f != now;
             *f = now;
             self.metrics.sources_finalized.set(f.len() as i64);
-            f.clone()
+            (f.clone(), changed)
         };
+        if changed {
+            // Kept in the data dir as well, so that a restarted server refuses a finalized
+            // source from its first hello, before (or without) a successful listing.
+            let path = finalized_path(&self.settings.data_dir);
+            let text: String = all.iter().map(|s| format!("{s}\n")).collect();
+            let r = tokio::task::spawn_blocking(move || {
+                slipway_store::fsutil::write_atomic(&path, text.as_bytes(), 0o600)
+            })
+            .await;
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::warn!(result = ?r, "saving the finalized sources failed; they are refused until the server restarts, and again once it lists the restore points");
+            }
+        }
         // Every tick, not only when a source is newly seen: a hello checked just before the
         // set grew may register its session after this look.
         let conns: Vec<Arc<crate::session::Conn>> = self
@@ -890,6 +889,22 @@ impl Inner {
         }
     }
 
+    /// Looks for finalized sources once a second ([`Self::refresh_finalized`]), on its own
+    /// task: a scheduler pass slowed by AWS (a throttled snapshot, a long prune) does not
+    /// delay it.
+    pub(crate) async fn watch_finalized(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            self.refresh_finalized().await;
+        }
+    }
+
     /// The snapshot scheduler: takes scheduled restore points when the policy says so and
     /// prunes what it no longer keeps. Ticks once a second; decisions come from `slipway-pit`.
     pub(crate) async fn schedule(self: Arc<Self>) {
@@ -901,7 +916,6 @@ impl Inner {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            self.refresh_finalized().await;
             let sources: Vec<String> = self.sessions.lock().unwrap().keys().cloned().collect();
             for source in sources {
                 if self.is_finalized(&source) || self.rp_blocker(&source).is_some() {
@@ -927,6 +941,61 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// What the PIT policy sees of a source's restore points: the local manifests (id, created
+/// ms, trigger), plus restore points only the backend still lists, minus every kept one
+/// (`slipway:keep`): a kept point fills no slot of the policy and is never planned for
+/// pruning. Pure.
+pub(crate) fn policy_view(
+    local: &[(String, u64, String)],
+    remote: &[crate::backend::RemoteRestorePoint],
+) -> Vec<slipway_pit::RestorePoint> {
+    let kept: HashSet<&str> = remote
+        .iter()
+        .filter(|r| r.keep.is_some())
+        .map(|r| r.rp_id.as_str())
+        .collect();
+    let mut points: Vec<slipway_pit::RestorePoint> = local
+        .iter()
+        .filter(|(id, _, _)| !kept.contains(id.as_str()))
+        .map(|(id, ms, trigger)| slipway_pit::RestorePoint {
+            id: id.clone(),
+            taken_at: ms / 1000,
+            scheduled: trigger == Trigger::Scheduled.as_str(),
+        })
+        .collect();
+    for r in remote {
+        if r.keep.is_none() && !points.iter().any(|p| p.id == r.rp_id) {
+            points.push(slipway_pit::RestorePoint {
+                id: r.rp_id.clone(),
+                taken_at: r.created_unix_ms / 1000,
+                scheduled: r.trigger == Trigger::Scheduled.as_str(),
+            });
+        }
+    }
+    points
+}
+
+/// `DATA_DIR/finalized-sources`: the finalized sources as last listed, one id per line.
+pub(crate) fn finalized_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("finalized-sources")
+}
+
+/// The finalized sources saved by the last run (none if the file does not exist).
+pub(crate) fn load_finalized(
+    data_dir: &std::path::Path,
+) -> std::io::Result<std::collections::BTreeSet<String>> {
+    match std::fs::read_to_string(finalized_path(data_dir)) {
+        Ok(text) => Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e),
     }
 }
 
@@ -993,5 +1062,48 @@ mod hold_tests {
         assert!(!rp.backing_off("db", t0));
         rp.note_hold("web", false, t0);
         assert!(!rp.backing_off("web", t0));
+    }
+
+    fn remote(id: &str, ms: u64, keep: Option<&str>) -> crate::backend::RemoteRestorePoint {
+        crate::backend::RemoteRestorePoint {
+            rp_id: id.into(),
+            source: "web".into(),
+            created_unix_ms: ms,
+            marker_id: 1,
+            trigger: "scheduled".into(),
+            snapshots: vec![],
+            keep: keep.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn kept_restore_points_are_outside_the_policy() {
+        let local = vec![
+            ("rp-a".to_string(), 1_000, "scheduled".to_string()),
+            ("rp-b".to_string(), 2_000, "on_demand".to_string()),
+            ("rp-c".to_string(), 3_000, "scheduled".to_string()),
+        ];
+        let remote = vec![
+            remote("rp-a", 1_000, Some(slipway_backend::KEEP_FINALIZED)),
+            remote("rp-b", 2_000, None),
+            remote("rp-c", 3_000, None),
+            // Listed by the backend only (its manifest is gone), one of them kept.
+            remote("rp-d", 4_000, None),
+            remote("rp-e", 5_000, Some("audit")),
+        ];
+        let ids: Vec<(String, u64, bool)> = policy_view(&local, &remote)
+            .into_iter()
+            .map(|p| (p.id, p.taken_at, p.scheduled))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("rp-b".to_string(), 2, false),
+                ("rp-c".to_string(), 3, true),
+                ("rp-d".to_string(), 4, true),
+            ]
+        );
+        // Nothing kept, nothing left out.
+        assert_eq!(policy_view(&local, &[]).len(), 3);
     }
 }

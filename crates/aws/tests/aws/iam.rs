@@ -132,16 +132,30 @@ fn iam_policy_lets_the_server_attach_its_identity_volume_and_publish_its_fingerp
     );
 }
 
-/// The AWS operations slipway-aws's sources call on its clients (`.ec2.op()`, `.ebs.op()`,
-/// across line breaks), as `service:PascalCaseOp`.
-fn operations_called_in_sources() -> BTreeSet<String> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut found = BTreeSet::new();
-    for e in std::fs::read_dir(&dir).unwrap() {
+/// Every `.rs` file under `dir`, however deep.
+fn rust_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
         let path = e.unwrap().path();
-        if path.extension().and_then(|x| x.to_str()) != Some("rs") {
-            continue;
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().and_then(|x| x.to_str()) == Some("rs") {
+            out.push(path);
         }
+    }
+}
+
+/// The AWS operations slipway-aws's sources call on an EC2 or EBS client — a field or a
+/// local named `ec2` or `ebs` (`self.ec2.op()`, `ec2.op()`, across line breaks) — as
+/// `service:PascalCaseOp`. Methods of the client that are no API call are left out.
+fn operations_called_in_sources() -> BTreeSet<String> {
+    const NOT_OPERATIONS: &[&str] = &["clone", "config", "as_ref"];
+    let mut files = Vec::new();
+    rust_files(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut found = BTreeSet::new();
+    for path in files {
         // Comments out, whitespace out: `self.ec2\n    .describe_volumes()` becomes
         // `self.ec2.describe_volumes()`.
         let code: String = std::fs::read_to_string(&path)
@@ -152,14 +166,22 @@ fn operations_called_in_sources() -> BTreeSet<String> {
             .chars()
             .filter(|c| !c.is_whitespace())
             .collect();
-        for (client, service) in [(".ec2.", "ec2"), (".ebs.", "ebs")] {
+        for (client, service) in [("ec2.", "ec2"), ("ebs.", "ebs")] {
             for (at, _) in code.match_indices(client) {
+                // `ec2` as a name of its own, not the end of a longer one (`aws_sdk_ec2.`).
+                let before = code[..at].chars().next_back();
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    continue;
+                }
                 let rest = &code[at + client.len()..];
                 let name: String = rest
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
-                if name.is_empty() || !rest[name.len()..].starts_with("()") {
+                if name.is_empty()
+                    || !rest[name.len()..].starts_with("()")
+                    || NOT_OPERATIONS.contains(&name.as_str())
+                {
                     continue;
                 }
                 let pascal: String = name

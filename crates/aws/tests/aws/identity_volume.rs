@@ -174,6 +174,32 @@ fn a_volume_with_other_data_is_refused_and_left_as_it_was() {
         "the volume was written"
     );
 
+    // Zeros at the start, a GPT backup header at the end (its primary header lost), read
+    // through a real block device: refused, not formatted.
+    let gpt = d.path().join("gpt.img");
+    let len: u64 = 64 << 20;
+    sparse(&gpt, len);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&gpt)
+        .unwrap()
+        .write_all_at(b"EFI PART", len - 512)
+        .unwrap();
+    let before = std::fs::read(&gpt).unwrap();
+    let mut lo = Loop::new(&gpt);
+    lo.mounts.push(mnt.clone());
+    let e = mount_identity(lo.path(), &mnt).unwrap_err();
+    assert!(
+        matches!(&e, IdentityVolumeError::Refused { reason, .. } if reason.contains("512 bytes before the end")),
+        "{e}"
+    );
+    assert!(mount_info(&mnt).is_none());
+    drop(lo);
+    assert!(
+        std::fs::read(&gpt).unwrap() == before,
+        "the volume was written"
+    );
+
     // Someone else's ext4: refused too.
     let other = d.path().join("other.img");
     sparse(&other, 64 << 20);

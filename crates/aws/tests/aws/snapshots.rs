@@ -250,7 +250,7 @@ async fn a_kept_restore_point_is_listed_as_kept_and_never_deleted() {
         .unwrap();
     let err = b.delete("rp-1").await.unwrap_err();
     assert!(
-        matches!(&err, slipway_backend::BackendError::Permanent(m) if m.contains("kept")),
+        matches!(&err, slipway_backend::BackendError::Kept(m) if m.contains("kept")),
         "{err:?}"
     );
     assert_eq!(env.snapshots().await.len(), 2, "nothing was deleted");
