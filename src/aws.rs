@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use slipway_server::settings::Settings;
 
-use crate::{AwsLaunchOptions, LaunchListCmd, TemplateCmd};
+use crate::{AwsLaunchOptions, CutoverCmd, LaunchListCmd, TemplateCmd};
 
 /// The AWS backend: `[aws]` settings validated here (the server crate does not know them),
 /// instance identity from IMDSv2, the default credential chain, EBS devices by id.
@@ -121,19 +121,48 @@ pub(crate) async fn launch(
     restore_point: Option<String>,
     opts: AwsLaunchOptions,
 ) -> Result<()> {
-    if let Some(LaunchListCmd::List { template, region }) = list {
-        let t = match &template {
-            Some(p) => Some(slipway_fleet::validate(p).await?),
-            None => None,
-        };
-        let region = t
-            .as_ref()
-            .map(|t| t.region.clone())
-            .or(region)
-            .context("give --template or --region (or set AWS_REGION)")?;
-        let l = slipway_fleet::launch_list(&region, t.as_ref().map(|t| t.name.as_str())).await?;
-        println!("{l}");
-        return Ok(());
+    match list {
+        Some(LaunchListCmd::List { template, region }) => {
+            let t = match &template {
+                Some(p) => Some(slipway_fleet::validate(p).await?),
+                None => None,
+            };
+            let region = t
+                .as_ref()
+                .map(|t| t.region.clone())
+                .or(region)
+                .context("give --template or --region (or set AWS_REGION)")?;
+            let l =
+                slipway_fleet::launch_list(&region, t.as_ref().map(|t| t.name.as_str())).await?;
+            println!("{l}");
+            return Ok(());
+        }
+        Some(LaunchListCmd::Status {
+            template,
+            source,
+            json,
+        }) => {
+            let t = slipway_fleet::validate(&template).await?;
+            let s = slipway_fleet::launch_status(&t, source.as_deref()).await?;
+            return print(&s, json);
+        }
+        Some(LaunchListCmd::Terminate {
+            template,
+            source,
+            instance,
+            cutover,
+            json,
+        }) => {
+            let t = slipway_fleet::validate(&template).await?;
+            let req = slipway_fleet::TerminateRequest {
+                source,
+                instance,
+                cutover,
+            };
+            let r = slipway_fleet::terminate(&t, &req).await?;
+            return print(&r, json);
+        }
+        None => {}
     }
     let (Some(file), Some(source), Some(mode)) = (template, source, mode) else {
         bail!("slipway launch needs --template FILE --source ID --mode test|cutover");
@@ -201,3 +230,45 @@ pub(crate) async fn launch(
     }
     Ok(())
 }
+
+pub(crate) async fn cutover(cmd: CutoverCmd) -> Result<()> {
+    let CutoverCmd::Finalize {
+        template,
+        source,
+        keep,
+        json,
+    } = cmd;
+    let t = slipway_fleet::validate(&template).await?;
+    let r = slipway_fleet::finalize(&t, &slipway_fleet::FinalizeRequest { source, keep }).await?;
+    print(&r, json)
+}
+
+/// A report on stdout: JSON, or its `Display`.
+fn print(report: &(impl ReportOut + std::fmt::Display), json: bool) -> Result<()> {
+    if json {
+        println!("{}", report.json()?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+/// The fleet's lifecycle reports as JSON (the binary does not depend on serde itself).
+trait ReportOut {
+    fn json(&self) -> serde_json::Result<String>;
+}
+
+macro_rules! report_out {
+    ($($t:ty),*) => {$(
+        impl ReportOut for $t {
+            fn json(&self) -> serde_json::Result<String> {
+                serde_json::to_string_pretty(self)
+            }
+        }
+    )*};
+}
+report_out!(
+    slipway_fleet::LifecycleStatus,
+    slipway_fleet::TerminateReport,
+    slipway_fleet::FinalizeReport
+);

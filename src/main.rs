@@ -90,6 +90,11 @@ enum Cmd {
         #[arg(long)]
         restore_point: Option<String>,
     },
+    /// The end of a migration on AWS: `cutover finalize` (docs/launch.md).
+    Cutover {
+        #[command(subcommand)]
+        cmd: CutoverCmd,
+    },
     /// The server's identity volume on EC2: its data dir on an EBS volume of its own, which
     /// follows the server when `template apply` replaces it (docs/aws.md).
     #[command(name = "identity-volume")]
@@ -190,6 +195,63 @@ pub(crate) enum LaunchListCmd {
         /// Region to look in when no template is given.
         #[arg(long, env = "AWS_REGION")]
         region: Option<String>,
+    },
+    /// Each source's place in the launch lifecycle (not-ready, ready-for-testing,
+    /// test-in-progress, ready-for-cutover, cutover-in-progress, cutover-complete), its newest
+    /// completed restore point and its live launches.
+    Status {
+        /// The replication template (its sources and region).
+        #[arg(long)]
+        template: PathBuf,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a source's test launches: terminate its live test instances, deregister their
+    /// images (unless a live instance still boots from one) and delete the images' converted
+    /// snapshots, then record the source ready for cutover.
+    Terminate {
+        /// The replication template (its region).
+        #[arg(long)]
+        template: PathBuf,
+        /// The source server.
+        #[arg(long)]
+        source: String,
+        /// Only this instance (a launch of the source).
+        #[arg(long, value_name = "INSTANCE-ID")]
+        instance: Option<String>,
+        /// Roll the cutover back too: terminate the cutover instance (a cutover is otherwise
+        /// ended by `slipway cutover finalize`).
+        #[arg(long)]
+        cutover: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CutoverCmd {
+    /// Finalize a source's cutover (only while its cutover instance is live): keep the
+    /// restore point the cutover was launched from (and those given with --keep) for good,
+    /// which stops the source's replication, and deregister the cutover's image. The cutover
+    /// instance is left as it is. Run again, it says the source is finalized and does nothing.
+    Finalize {
+        /// The replication template (its region).
+        #[arg(long)]
+        template: PathBuf,
+        /// The source server.
+        #[arg(long)]
+        source: String,
+        /// Another restore point to keep (repeatable).
+        #[arg(long, value_name = "RESTORE-POINT")]
+        keep: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -385,6 +447,10 @@ fn run(cli: Cli) -> Result<()> {
                     json: local.json,
                 },
             ))
+        }
+        Cmd::Cutover { cmd } => {
+            init_logging(LogFormat::Text);
+            block_on(aws::cutover(cmd))
         }
         Cmd::Token {
             cmd:

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use slipway_server::settings::Settings;
 
-use crate::{AwsLaunchOptions, LaunchListCmd, TemplateCmd};
+use crate::{AwsLaunchOptions, CutoverCmd, LaunchListCmd, TemplateCmd};
 
 const REBUILD: &str = "this slipway was built without AWS support; build it with \
     `cargo build --release --features aws` (the AMI's binary has it)";
@@ -37,4 +37,9 @@ pub(crate) async fn launch(
 ) -> Result<()> {
     let _ = (list, template, source, mode, restore_point, opts);
     bail!("slipway launch: {REBUILD}")
+}
+
+pub(crate) async fn cutover(cmd: CutoverCmd) -> Result<()> {
+    let _ = cmd;
+    bail!("slipway cutover: {REBUILD}")
 }

@@ -16,7 +16,9 @@ volume's size), so a test can attach it, change it and snapshot it again (the la
 conversion does). moto's RegisterImage keeps only a name and a description and describes every
 image with a snapshot of its own and `uefi`: here it keeps the request's root device name,
 block device mappings, architecture and boot mode, and DescribeImages returns them, so a test
-can check which snapshots an image boots from. Everything else is moto as shipped.
+can check which snapshots an image boots from; and DeleteSnapshot of a snapshot a registered
+image maps fails with `InvalidSnapshot.InUse`, as on EC2, so a test sees an image that pins its
+snapshots. Everything else is moto as shipped.
 
     python3 moto_server.py [moto_server arguments]      (SLIPWAY_MOTO_DEVICE_DIR in the env)
 """
@@ -27,6 +29,7 @@ import os
 import sys
 
 from moto.ebs.models import EBSSnapshot, ebs_backends
+from moto.ec2.exceptions import InvalidSnapshotInUse
 from moto.ec2.models.amis import Ami
 from moto.ec2.models.elastic_block_store import EBSBackend as Ec2Ebs
 from moto.ec2.responses.amis import AmisResponse
@@ -88,6 +91,12 @@ def create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
 
 
 def delete_snapshot(self, snapshot_id):  # type: ignore[no-untyped-def]
+    # EC2 refuses to delete a snapshot that a registered image maps (moto only knows the
+    # images it made itself with CreateImage).
+    for ami in self.amis.values():
+        for m in getattr(ami, "slipway_mappings", None) or []:
+            if (m.get("Ebs") or {}).get("SnapshotId") == snapshot_id:
+                raise InvalidSnapshotInUse(snapshot_id, ami.id)
     snap = _delete_snapshot(self, snapshot_id)
     ebs_backends[self.account_id][self.region_name].snapshots.pop(snapshot_id, None)
     return snap

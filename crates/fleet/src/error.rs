@@ -37,6 +37,22 @@ pub enum FleetError {
     /// What the request names does not exist (a restore point, a source, a launch section).
     #[error("{0}")]
     NotFound(String),
+    /// A lifecycle command that the source's lifecycle state does not allow (a conflict with
+    /// what AWS holds); `hint` says what the state means or what to do instead.
+    #[error("source {source_id} is {state}: {hint}")]
+    WrongState {
+        source_id: String,
+        state: crate::LifecycleState,
+        hint: String,
+    },
+    /// `slipway launch terminate` named a cutover instance without `--cutover`: a cutover is
+    /// ended by `slipway cutover finalize`, or rolled back on purpose.
+    #[error(
+        "instance {instance} is the cutover instance of source {source_id}: a cutover is ended by \
+         `slipway cutover finalize`; to roll it back (terminate it and deregister its image), \
+         add --cutover"
+    )]
+    CutoverInstance { source_id: String, instance: String },
     /// The launch conversion refused the restore point's disks (unknown distribution,
     /// encrypted or LVM root, …) or failed converting them; no image was registered.
     #[error("launch conversion of restore point {restore_point}: {source}")]

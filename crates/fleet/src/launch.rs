@@ -95,6 +95,8 @@ pub struct RestorePoint {
     pub source: String,
     pub created_unix_ms: u64,
     pub disks: Vec<RpDisk>,
+    /// `slipway:keep` on any of its snapshots (`cutover-finalized`: a finalize kept it).
+    pub keep: Option<String>,
 }
 
 impl RestorePoint {
@@ -116,6 +118,8 @@ pub struct LaunchReport {
     pub devices: Vec<LaunchDevice>,
     /// Test instances of the source terminated before a cutover.
     pub terminated: Vec<String>,
+    /// What happened to those test instances' images.
+    pub released_images: crate::cutover::ImageCleanup,
     /// Whether the image is made of converted disks (by this launch or, if the image was
     /// found again by name, by an earlier one).
     pub converted: bool,
@@ -173,6 +177,7 @@ impl fmt::Display for LaunchReport {
         for t in &self.terminated {
             writeln!(f, "terminated test instance {t} of {}", self.source)?;
         }
+        write!(f, "{}", self.released_images)?;
         writeln!(
             f,
             "{} launch of {} from restore point {}: instance {} (image {}), private IP {}",
@@ -243,6 +248,19 @@ pub struct LaunchRecord {
     pub instance_type: String,
     pub private_ip: Option<String>,
     pub launched_unix_ms: u64,
+    /// The image the instance was launched from (its `ImageId`).
+    pub image_id: String,
+}
+
+impl LaunchRecord {
+    /// Still counts as a launch: not terminated nor shutting down.
+    pub fn live(&self) -> bool {
+        crate::lifecycle::is_live(&self.state)
+    }
+
+    pub fn is_cutover(&self) -> bool {
+        self.mode == LaunchMode::Cutover.as_str()
+    }
 }
 
 /// `slipway launch list`.
@@ -309,21 +327,42 @@ fn now_ms() -> u64 {
 impl Fleet {
     /// A source's restore points, oldest first (from snapshot tags; any server).
     pub async fn restore_points(&self, source: &str) -> Result<Vec<RestorePoint>, FleetError> {
-        let snaps = self
-            .ec2
-            .describe_snapshots()
-            .owner_ids("self")
-            .filters(filter(&format!("tag:{}", aws_tags::SOURCE_ID), &[source]))
-            .filters(filter("tag-key", &[aws_tags::RESTORE_POINT]))
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(|e| FleetError::sdk("DescribeSnapshots", e))?;
-        let mut rps: BTreeMap<String, RestorePoint> = BTreeMap::new();
+        Ok(self
+            .restore_points_of(&[source])
+            .await?
+            .remove(source)
+            .unwrap_or_default())
+    }
+
+    /// The restore points of several sources, oldest first per source: one DescribeSnapshots
+    /// (paginated) per 200 sources, EC2's limit of values in a filter.
+    pub async fn restore_points_of(
+        &self,
+        sources: &[&str],
+    ) -> Result<BTreeMap<String, Vec<RestorePoint>>, FleetError> {
+        let mut snaps = Vec::new();
+        for chunk in sources.chunks(200) {
+            let page: Vec<_> = self
+                .ec2
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(filter(&format!("tag:{}", aws_tags::SOURCE_ID), chunk))
+                .filters(filter("tag-key", &[aws_tags::RESTORE_POINT]))
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .map_err(|e| FleetError::sdk("DescribeSnapshots", e))?;
+            snaps.extend(page);
+        }
+        // By (source, restore point id).
+        let mut rps: BTreeMap<(String, String), RestorePoint> = BTreeMap::new();
         for s in &snaps {
             let tags = tag_map(s.tags());
+            let Some(source) = tags.get(aws_tags::SOURCE_ID) else {
+                continue;
+            };
             // A launch's converted copy of a restore point's disk is not part of it.
             if tags.get(aws_tags::ROLE).map(String::as_str) == Some(ROLE_CONVERTED) {
                 continue;
@@ -339,12 +378,21 @@ impl Fleet {
                 .get(aws_tags::CREATED_MS)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let e = rps.entry(rp.clone()).or_insert_with(|| RestorePoint {
-                id: rp.clone(),
-                source: source.to_string(),
-                created_unix_ms: created,
-                disks: Vec::new(),
-            });
+            let e = rps
+                .entry((source.clone(), rp.clone()))
+                .or_insert_with(|| RestorePoint {
+                    id: rp.clone(),
+                    source: source.clone(),
+                    created_unix_ms: created,
+                    disks: Vec::new(),
+                    keep: None,
+                });
+            if let Some(k) = tags.get(aws_tags::KEEP) {
+                // `cutover-finalized` over any other value: it is the one that finalizes.
+                if e.keep.as_deref() != Some(aws_tags::KEEP_FINALIZED) {
+                    e.keep = Some(k.clone());
+                }
+            }
             let state = s
                 .state()
                 .map(|s| s.as_str().to_string())
@@ -362,11 +410,14 @@ impl Fleet {
                 None => e.disks.push(d),
             }
         }
-        let mut out: Vec<RestorePoint> = rps.into_values().collect();
-        for rp in &mut out {
+        let mut out: BTreeMap<String, Vec<RestorePoint>> = BTreeMap::new();
+        for ((source, _), mut rp) in rps {
             rp.disks.sort_by(|a, b| a.disk.cmp(&b.disk));
+            out.entry(source).or_default().push(rp);
         }
-        out.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        for rps in out.values_mut() {
+            rps.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        }
         Ok(out)
     }
 
@@ -389,7 +440,21 @@ impl Fleet {
                 req.source, t.name
             ))
         })?;
+        let target = launch.target(&source.id);
         let rps = self.restore_points(&source.id).await?;
+        if let Some(kept) = rps
+            .iter()
+            .find(|r| r.keep.as_deref() == Some(aws_tags::KEEP_FINALIZED))
+        {
+            return Err(FleetError::WrongState {
+                source_id: source.id.clone(),
+                state: crate::LifecycleState::CutoverComplete,
+                hint: format!(
+                    "its cutover was finalized (restore point {} kept); it is not launched again",
+                    kept.id
+                ),
+            });
+        }
         let rp = match &req.restore_point {
             Some(id) => rps.iter().find(|r| &r.id == id).ok_or_else(|| {
                 FleetError::NotFound(format!("no restore point {id} of source {}", source.id))
@@ -433,11 +498,11 @@ impl Fleet {
         }
         // A cutover replaces the test instances; two cutovers of one source are refused.
         let existing = self.launch_records(Some(&t.name), Some(&source.id)).await?;
-        let live = |l: &&LaunchRecord| l.state != "terminated" && l.state != "shutting-down";
+        let live = |l: &&LaunchRecord| l.live();
         if req.mode == LaunchMode::Cutover {
-            if let Some(c) = existing.iter().filter(live).find(|l| l.mode == "cutover") {
+            if let Some(c) = existing.iter().filter(live).find(|l| l.is_cutover()) {
                 return Err(FleetError::Conflict(format!(
-                    "source {} already has cutover instance {} ({}); terminate it first to launch another",
+                    "source {} already has cutover instance {} ({}); finalize it, or roll it back with `slipway launch terminate --cutover`, to launch another",
                     source.id, c.instance_id, c.state
                 )));
             }
@@ -471,12 +536,22 @@ impl Fleet {
             on.check()?;
         }
 
+        let mut released_images = crate::cutover::ImageCleanup::default();
         if !terminated.is_empty() {
             info!(source = %source.id, instances = ?terminated, "terminating test instances before the cutover");
-            self.terminate(&terminated).await?;
+            // Their images go with them, as with `slipway launch terminate`, except the one
+            // this cutover is about to boot (the test's own, found again by name, when the
+            // cutover is of the restore point the test was).
+            let ended: Vec<&LaunchRecord> = existing
+                .iter()
+                .filter(|l| terminated.contains(&l.instance_id))
+                .collect();
+            released_images = self
+                .end_launches(t, &source.id, &ended, std::slice::from_ref(&image.id))
+                .await?;
         }
 
-        let mut tags = launch.tags.clone();
+        let mut tags = target.tags.clone();
         tags.entry("Name".into())
             .or_insert_with(|| format!("{}-{}", source.id, req.mode.as_str()));
         tags.insert(aws_tags::ROLE.into(), ROLE_LAUNCH.into());
@@ -485,18 +560,18 @@ impl Fleet {
         tags.insert(aws_tags::RESTORE_POINT.into(), rp.id.clone());
         tags.insert(LAUNCH_MODE.into(), req.mode.as_str().into());
         tags.insert(LAUNCHED_MS.into(), now_ms().to_string());
-        let mut volume_tags = launch.tags.clone();
+        let mut volume_tags = target.tags.clone();
         volume_tags.insert(TEMPLATE.into(), t.name.clone());
         volume_tags.insert(aws_tags::SOURCE_ID.into(), source.id.clone());
         volume_tags.insert(aws_tags::RESTORE_POINT.into(), rp.id.clone());
         volume_tags.insert(LAUNCH_MODE.into(), req.mode.as_str().into());
 
-        let private_ip = launch.private_ips.get(&source.id).map(|ip| ip.to_string());
+        let private_ip = target.private_ip.map(|ip| ip.to_string());
         let mut call = self
             .ec2
             .run_instances()
             .image_id(&image.id)
-            .instance_type(InstanceType::from(launch.instance_type.as_str()))
+            .instance_type(InstanceType::from(target.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
             .set_block_device_mappings(Some(mappings))
@@ -511,16 +586,16 @@ impl Fleet {
             call = call.network_interfaces(
                 InstanceNetworkInterfaceSpecification::builder()
                     .device_index(0)
-                    .subnet_id(&launch.subnet)
+                    .subnet_id(&target.subnet)
                     .associate_public_ip_address(true)
-                    .set_groups(Some(launch.security_groups.clone()))
+                    .set_groups(Some(target.security_groups.clone()))
                     .set_private_ip_address(private_ip.clone())
                     .build(),
             );
         } else {
             call = call
-                .subnet_id(&launch.subnet)
-                .set_security_group_ids(Some(launch.security_groups.clone()))
+                .subnet_id(&target.subnet)
+                .set_security_group_ids(Some(target.security_groups.clone()))
                 .set_private_ip_address(private_ip.clone());
         }
         if let Some(p) = &launch.iam_instance_profile {
@@ -549,6 +624,7 @@ impl Fleet {
             private_ip: ip,
             devices: image.devices,
             terminated,
+            released_images,
             converted: image.converted,
             conversion: image.conversion,
             reused_image: image.reused,
@@ -792,6 +868,7 @@ impl Fleet {
                         .unwrap_or_default(),
                     private_ip: i.private_ip_address().map(str::to_string),
                     launched_unix_ms: get(LAUNCHED_MS).parse().unwrap_or(0),
+                    image_id: i.image_id().unwrap_or_default().to_string(),
                 });
             }
         }

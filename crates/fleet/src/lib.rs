@@ -14,15 +14,21 @@
 //!   for Nitro first unless the request says not to (`convert.rs`: volumes from the
 //!   snapshots, attached to this instance, converted by slipway-convert, snapshotted);
 //!   [`launch_list`] reads the launches back from their tags.
+//! - The launch lifecycle, as AWS MGN's: [`lifecycle::derive`] (pure) says where a source is
+//!   (`not-ready` … `cutover-complete`); [`launch_status`], [`terminate`] (ends test
+//!   launches and deregisters their images) and [`finalize`] (keeps the chosen restore points,
+//!   which stops the source's replication) are its commands (`cutover.rs`).
 //!
 //! **Architecture Invariant:** the planner and template validation do no I/O beyond reading
 //! the template files; everything that talks to AWS goes through [`Fleet`], and EC2 tags are
 //! the only state (no local state file).
 
 mod convert;
+mod cutover;
 mod error;
 mod fleet;
 mod launch;
+pub mod lifecycle;
 pub mod limits;
 pub mod planner;
 pub mod probe;
@@ -31,6 +37,10 @@ pub mod template;
 pub use convert::{
     boot_mode, Conversion, ConversionRecord, ConvertOn, ConvertedDisk, CONVERTED_FROM,
     ROLE_CONVERSION, ROLE_CONVERTED,
+};
+pub use cutover::{
+    FinalizeReport, FinalizeRequest, ImageCleanup, KeptImage, LifecycleStatus, LiveLaunch,
+    SourceStatus, TerminateReport, TerminateRequest,
 };
 pub use error::FleetError;
 pub use fleet::{
@@ -41,8 +51,9 @@ pub use launch::{
     LaunchDevice, LaunchList, LaunchMode, LaunchRecord, LaunchReport, LaunchRequest, RestorePoint,
     RpDisk, LAUNCHED_MS, LAUNCH_MODE, ROLE_LAUNCH,
 };
+pub use lifecycle::LifecycleState;
 pub use probe::{MetricsProbe, SettingsProbe};
-pub use template::{LaunchSettings, Source, Template};
+pub use template::{LaunchOverride, LaunchSettings, LaunchTarget, Source, Template};
 
 use std::path::Path;
 
@@ -73,4 +84,37 @@ pub async fn launch(template: &Template, req: &LaunchRequest) -> Result<LaunchRe
 /// only if given.
 pub async fn launch_list(region: &str, template: Option<&str>) -> Result<LaunchList, FleetError> {
     Fleet::connect(region).await.launches(template).await
+}
+
+/// `slipway launch status --template FILE [--source ID]`: each source's lifecycle state.
+pub async fn launch_status(
+    template: &Template,
+    source: Option<&str>,
+) -> Result<LifecycleStatus, FleetError> {
+    Fleet::connect(&template.region)
+        .await
+        .lifecycle(template, source)
+        .await
+}
+
+/// `slipway launch terminate --template FILE --source ID [--instance I] [--cutover]`.
+pub async fn terminate(
+    template: &Template,
+    req: &TerminateRequest,
+) -> Result<TerminateReport, FleetError> {
+    Fleet::connect(&template.region)
+        .await
+        .terminate_launches(template, req)
+        .await
+}
+
+/// `slipway cutover finalize --template FILE --source ID [--keep RP]...`.
+pub async fn finalize(
+    template: &Template,
+    req: &FinalizeRequest,
+) -> Result<FinalizeReport, FleetError> {
+    Fleet::connect(&template.region)
+        .await
+        .finalize(template, req)
+        .await
 }

@@ -105,6 +105,23 @@ pub struct RawLaunch {
     pub public_ip: Option<bool>,
     pub architecture: Option<String>,
     pub root_device_name: Option<String>,
+    /// `[launch.sources.<source id>]`: what differs for one source's launches.
+    #[serde(default)]
+    pub sources: BTreeMap<String, RawLaunchSource>,
+}
+
+/// `[launch.sources.<source id>]`: one source's launch settings over the `[launch]` defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLaunchSource {
+    pub instance_type: Option<String>,
+    pub subnet: Option<String>,
+    pub security_groups: Option<Vec<String>>,
+    /// Merged over `[launch] tags` (a key given in both takes this value).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// The same as `[launch] private_ips.<source id>` (give one or the other).
+    pub private_ip: Option<String>,
 }
 
 /// A source server of the template.
@@ -131,6 +148,53 @@ pub struct LaunchSettings {
     /// `x86_64` or `arm64`: the architecture of the image registered from the boot disk.
     pub architecture: String,
     pub root_device_name: String,
+    /// Per source id, what its launches set differently (`[launch.sources.<id>]`; its
+    /// `private_ip` is in [`LaunchSettings::private_ips`]).
+    pub overrides: BTreeMap<String, LaunchOverride>,
+}
+
+/// One source's launch settings over the `[launch]` defaults (validated).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchOverride {
+    pub instance_type: Option<String>,
+    pub subnet: Option<String>,
+    pub security_groups: Option<Vec<String>>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The launch settings of one source: the `[launch]` defaults with its overrides applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchTarget {
+    pub instance_type: String,
+    pub subnet: String,
+    pub security_groups: Vec<String>,
+    pub tags: BTreeMap<String, String>,
+    pub private_ip: Option<Ipv4Addr>,
+}
+
+impl LaunchSettings {
+    /// What a launch of `source` uses: each key of `[launch.sources.<source>]` replaces the
+    /// default, except `tags`, merged key by key over `[launch] tags`.
+    pub fn target(&self, source: &str) -> LaunchTarget {
+        let o = self.overrides.get(source);
+        let mut tags = self.tags.clone();
+        if let Some(o) = o {
+            tags.extend(o.tags.clone());
+        }
+        LaunchTarget {
+            instance_type: o
+                .and_then(|o| o.instance_type.clone())
+                .unwrap_or_else(|| self.instance_type.clone()),
+            subnet: o
+                .and_then(|o| o.subnet.clone())
+                .unwrap_or_else(|| self.subnet.clone()),
+            security_groups: o
+                .and_then(|o| o.security_groups.clone())
+                .unwrap_or_else(|| self.security_groups.clone()),
+            tags,
+            private_ip: self.private_ips.get(source).copied(),
+        }
+    }
 }
 
 /// A validated replication template.
@@ -652,6 +716,56 @@ fn validate_launch(
         }
         private_ips.insert(source, addr);
     }
+    let mut overrides = BTreeMap::new();
+    for (source, o) in l.sources {
+        let key = |k: &str| format!("launch.sources.{source}.{k}");
+        if !sources.iter().any(|s| s.id == source) {
+            return Err(bad(
+                &format!("launch.sources.{source}"),
+                format!("{source:?} is not a source of this template"),
+            ));
+        }
+        if let Some(t) = &o.instance_type {
+            check_instance_type(t).map_err(|r| bad(&key("instance_type"), r))?;
+        }
+        if let Some(s) = &o.subnet {
+            check_prefixed(s, "subnet-").map_err(|r| bad(&key("subnet"), r))?;
+        }
+        if let Some(g) = &o.security_groups {
+            check_groups(g).map_err(|r| bad(&key("security_groups"), r))?;
+        }
+        // Checked merged: the instance gets both sets.
+        let mut merged = l.tags.clone();
+        merged.extend(o.tags.clone());
+        check_tags(&merged).map_err(|r| bad(&key("tags"), format!("with launch.tags: {r}")))?;
+        if let Some(ip) = &o.private_ip {
+            if private_ips.contains_key(&source) {
+                return Err(bad(
+                    &key("private_ip"),
+                    format!("set either this or launch.private_ips.{source}, not both"),
+                ));
+            }
+            let addr: Ipv4Addr = ip
+                .parse()
+                .map_err(|_| bad(&key("private_ip"), format!("{ip:?} is not an IPv4 address")))?;
+            if !used.insert(addr) {
+                return Err(bad(
+                    &key("private_ip"),
+                    format!("{addr} is given to two sources"),
+                ));
+            }
+            private_ips.insert(source.clone(), addr);
+        }
+        overrides.insert(
+            source,
+            LaunchOverride {
+                instance_type: o.instance_type,
+                subnet: o.subnet,
+                security_groups: o.security_groups,
+                tags: o.tags,
+            },
+        );
+    }
     let architecture = l.architecture.unwrap_or_else(|| "x86_64".into());
     if !matches!(architecture.as_str(), "x86_64" | "arm64" | "i386") {
         return Err(bad(
@@ -676,6 +790,7 @@ fn validate_launch(
         public_ip: l.public_ip.unwrap_or(false),
         architecture,
         root_device_name,
+        overrides,
     })
 }
 
@@ -916,6 +1031,97 @@ ami = "ami-0123456789"
         }
     }
 
+    const LAUNCH: &str = "[[sources]]\nid = \"web\"\ndisks = 1\n[[sources]]\nid = \"db\"\ndisks = 1\n\
+        [launch]\ninstance_type = \"m5.large\"\nsubnet = \"subnet-1\"\nsecurity_groups = [\"sg-1\"]\n\
+        tags = { Env = \"prod\", Team = \"web\" }\n";
+
+    #[test]
+    fn a_sources_launch_settings_override_the_defaults_and_merge_tags() {
+        let t = load_str(&format!(
+            "{MINIMAL}{LAUNCH}[launch.sources.db]\ninstance_type = \"r5.2xlarge\"\n\
+             subnet = \"subnet-2\"\nsecurity_groups = [\"sg-2\", \"sg-3\"]\n\
+             tags = {{ Team = \"dba\", Backup = \"daily\" }}\nprivate_ip = \"10.0.1.5\"\n"
+        ))
+        .unwrap();
+        let l = t.launch.unwrap();
+        let db = l.target("db");
+        assert_eq!(db.instance_type, "r5.2xlarge");
+        assert_eq!(db.subnet, "subnet-2");
+        assert_eq!(db.security_groups, ["sg-2", "sg-3"]);
+        assert_eq!(
+            db.tags.iter().collect::<Vec<_>>(),
+            [
+                (&"Backup".to_string(), &"daily".to_string()),
+                (&"Env".to_string(), &"prod".to_string()),
+                (&"Team".to_string(), &"dba".to_string())
+            ]
+        );
+        assert_eq!(db.private_ip, Some("10.0.1.5".parse().unwrap()));
+        // A source without overrides gets the defaults.
+        let web = l.target("web");
+        assert_eq!(web.instance_type, "m5.large");
+        assert_eq!(web.subnet, "subnet-1");
+        assert_eq!(web.security_groups, ["sg-1"]);
+        assert_eq!(web.tags, l.tags);
+        assert_eq!(web.private_ip, None);
+        // Only the keys given are overridden.
+        let t = load_str(&format!(
+            "{MINIMAL}{LAUNCH}[launch.sources.web]\ninstance_type = \"c5.large\"\n"
+        ))
+        .unwrap();
+        let web = t.launch.unwrap().target("web");
+        assert_eq!(
+            (web.instance_type.as_str(), web.subnet.as_str()),
+            ("c5.large", "subnet-1")
+        );
+    }
+
+    #[test]
+    fn bad_source_launch_settings_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[launch.sources.nope]\ninstance_type = \"m5.large\"\n",
+                "key `launch.sources.nope`: \"nope\" is not a source of this template",
+            ),
+            (
+                "[launch.sources.db]\ninstance_typ = \"m5.large\"\n",
+                "unknown field `instance_typ`",
+            ),
+            (
+                "[launch.sources.db]\ninstance_type = \"large\"\n",
+                "key `launch.sources.db.instance_type`: \"large\" is not an instance type",
+            ),
+            (
+                "[launch.sources.db]\nsubnet = \"sub-2\"\n",
+                "key `launch.sources.db.subnet`",
+            ),
+            (
+                "[launch.sources.db]\nsecurity_groups = []\n",
+                "key `launch.sources.db.security_groups`: needs at least one",
+            ),
+            (
+                "[launch.sources.db]\ntags = { \"slipway:x\" = \"1\" }\n",
+                "key `launch.sources.db.tags`: with launch.tags: key `slipway:x`",
+            ),
+            (
+                "[launch.sources.db]\nprivate_ip = \"10.0.1\"\n",
+                "key `launch.sources.db.private_ip`: \"10.0.1\" is not an IPv4 address",
+            ),
+            (
+                "private_ips = { db = \"10.0.1.5\" }\n[launch.sources.db]\nprivate_ip = \"10.0.1.6\"\n",
+                "key `launch.sources.db.private_ip`: set either this or launch.private_ips.db",
+            ),
+            (
+                "private_ips = { web = \"10.0.1.5\" }\n[launch.sources.db]\nprivate_ip = \"10.0.1.5\"\n",
+                "key `launch.sources.db.private_ip`: 10.0.1.5 is given to two sources",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = err(&format!("{MINIMAL}{LAUNCH}{extra}"));
+            assert!(e.contains(want), "{extra}\n  got: {e}\n want: {want}");
+        }
+    }
+
     #[test]
     fn dedicated_sources_may_have_more_disks_than_max() {
         let t = load_str(&format!(
@@ -974,6 +1180,8 @@ ami = "ami-0123456789"
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/replication-template.toml");
         let t = load(&p).unwrap_or_else(|e| panic!("{e}"));
         assert!(!t.sources.is_empty());
-        assert!(t.launch.is_some());
+        let l = t.launch.unwrap();
+        assert_eq!(l.target("db-01").instance_type, "r5.xlarge");
+        assert_eq!(l.target("web-01").instance_type, "m5.xlarge");
     }
 }

@@ -9,3 +9,4 @@ mod apply;
 mod convert;
 mod deploy;
 mod launch;
+mod lifecycle;

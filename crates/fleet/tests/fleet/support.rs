@@ -107,6 +107,38 @@ impl Env {
         slipway_fleet::template::load(&p).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// [`Env::template`] with `launch_extra` appended to its `[launch]` section (e.g.
+    /// `[launch.sources.<id>]` tables).
+    pub fn template_with_launch(&self, n: usize, launch_extra: &str) -> Template {
+        let _ = self.template(n, "");
+        let p = self.dir.path().join("template.toml");
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str(launch_extra);
+        std::fs::write(&p, text).unwrap();
+        slipway_fleet::template::load(&p).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An unattached replica volume of `source`/`disk`, tagged as the server tags them.
+    pub async fn replica_volume(&self, source: &str, disk: &str) -> String {
+        let tags = [
+            (slipway_aws::tags::SOURCE_ID, source),
+            (slipway_aws::tags::DISK_ID, disk),
+            (slipway_aws::tags::ROLE, slipway_aws::tags::ROLE_REPLICA),
+            (slipway_aws::tags::SERVER, "wave1-0"),
+        ];
+        self.ec2
+            .create_volume()
+            .availability_zone(ZONE)
+            .size(8)
+            .tag_specifications(spec(ResourceType::Volume, &tags))
+            .send()
+            .await
+            .unwrap()
+            .volume_id()
+            .unwrap()
+            .to_string()
+    }
+
     /// Every instance of the emulator: (id, state, type, tags).
     pub async fn instances(&self) -> Vec<aws_sdk_ec2::types::Instance> {
         self.ec2
