@@ -45,6 +45,11 @@ pub const KEEP: &str = "slipway:keep";
 /// Value of [`KEEP`] on the restore points a finalized cutover kept. A source with such a
 /// restore point is finalized: its server refuses it and takes no more restore points.
 pub const KEEP_FINALIZED: &str = slipway_backend::KEEP_FINALIZED;
+/// Value of [`KEEP`] on the restore point a live cutover was launched from: the server's
+/// policy must not prune it before `slipway cutover finalize` keeps it for good (a converted
+/// cutover's image maps only converted copies, so nothing else pins it). A rollback
+/// (`slipway launch terminate --cutover`) removes it.
+pub const KEEP_CUTOVER: &str = "cutover";
 /// On a source's replica volumes: where the source is in its launch lifecycle, as the last
 /// lifecycle command recorded it (`ready-for-cutover`, `cutover-complete`); see
 /// `slipway_fleet::lifecycle`.

@@ -128,6 +128,9 @@ pub struct ImageCleanup {
     /// Images left registered: a live instance (named) still boots from them, or the launch
     /// about to run does.
     pub kept: Vec<KeptImage>,
+    /// What could not be cleaned up and is left for the operator (converted snapshots EC2
+    /// refused to delete): the command goes on with the rest.
+    pub warnings: Vec<String>,
 }
 
 /// An image left registered and why.
@@ -151,6 +154,9 @@ impl fmt::Display for ImageCleanup {
         }
         for k in &self.kept {
             writeln!(f, "kept image {}: {}", k.image_id, k.reason)?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
         }
         Ok(())
     }
@@ -469,7 +475,9 @@ impl Fleet {
                         .into(),
             });
         }
-        let covered = |l: &LaunchRecord| req.cutover || !l.is_cutover();
+        // A launch whose mode tag is missing or unknown is not taken for a test: only
+        // `--cutover` ends what is not known to be one.
+        let covered = |l: &LaunchRecord| req.cutover || l.mode == "test";
         let targets: Vec<&LaunchRecord> = match &req.instance {
             Some(id) => {
                 let l = v
@@ -517,6 +525,28 @@ impl Fleet {
         // Terminated ones are among the targets too: their images may still be registered
         // (an instance terminated from the console, an earlier run cut short).
         let images = self.end_launches(t, &req.source, &targets, &[]).await?;
+        // A rolled-back cutover's restore point goes back to the policy (the tag only where
+        // its value is still the cutover's: DeleteTags with a value matches it).
+        let rolled_back: Vec<String> = targets
+            .iter()
+            .filter(|l| l.is_cutover())
+            .filter_map(|l| v.rps.iter().find(|r| r.id == l.restore_point))
+            .flat_map(|r| r.disks.iter().map(|d| d.snapshot_id.clone()))
+            .collect();
+        for chunk in rolled_back.chunks(1000) {
+            self.ec2
+                .delete_tags()
+                .set_resources(Some(chunk.to_vec()))
+                .tags(
+                    Tag::builder()
+                        .key(aws_tags::KEEP)
+                        .value(aws_tags::KEEP_CUTOVER)
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| FleetError::sdk("DeleteTags", e))?;
+        }
         let terminated: Vec<String> = targets
             .iter()
             .filter(|l| l.live())
@@ -573,6 +603,20 @@ impl Fleet {
                     next_step(state)
                 ),
             });
+        }
+        // A test instance still live would be stranded: once finalized, nothing of the source
+        // is Slipway's to terminate.
+        if !already {
+            if let Some(l) = v.launches.iter().find(|l| l.live() && !l.is_cutover()) {
+                return Err(FleetError::WrongState {
+                    source_id: req.source.clone(),
+                    state,
+                    hint: format!(
+                        "test instance {} is still live: end it first with `slipway launch terminate --source {}` (the cutover instance stays)",
+                        l.instance_id, req.source
+                    ),
+                });
+            }
         }
         let cutovers: Vec<&LaunchRecord> = v.launches.iter().filter(|l| l.is_cutover()).collect();
         // The newest cutover: the live one (at most one), else (already finalized) the last.
@@ -694,13 +738,38 @@ impl Fleet {
             info!(source, instances = ?live, "terminating launches");
             self.terminate(&live).await?;
         }
-        let images: BTreeSet<String> = launches
+        let mut images: BTreeSet<String> = launches
             .iter()
             .filter(|l| !l.image_id.is_empty())
             .map(|l| l.image_id.clone())
             .collect();
+        // Also the source's launch images found by their own tags: EC2 stops listing a
+        // terminated instance after about an hour, so the image of a launch terminated from
+        // the console (or by a run cut short) is found only this way. Each is still released
+        // only if no live instance boots from it.
+        images.extend(self.source_images(t, source).await?);
         self.release_images(t, source, &images, keep_images, &[])
             .await
+    }
+
+    /// Registered images of this template's launches of `source` (tags `slipway:template`,
+    /// `slipway:source-id`, which `register` sets).
+    async fn source_images(&self, t: &Template, source: &str) -> Result<Vec<String>, FleetError> {
+        let found = self
+            .ec2
+            .describe_images()
+            .owners("self")
+            .filters(filter(&format!("tag:{TEMPLATE}"), &[&t.name]))
+            .filters(filter(&format!("tag:{}", aws_tags::SOURCE_ID), &[source]))
+            .send()
+            .await
+            .map_err(|e| FleetError::sdk("DescribeImages", e))?;
+        Ok(found
+            .images()
+            .iter()
+            .filter(|i| i.state().map(|s| s.as_str()) != Some("deregistered"))
+            .filter_map(|i| i.image_id().map(str::to_string))
+            .collect())
     }
 
     /// Deregisters each of `images` that is this template's image of `source` and that no
@@ -774,8 +843,13 @@ impl Fleet {
             }
             info!(source, image = %image, "deregistered the launch's image");
             out.deregistered.push(image.clone());
-            out.snapshots_deleted
-                .extend(self.delete_converted(&mapped).await?);
+            match self.delete_converted(&mapped).await {
+                Ok(d) => out.snapshots_deleted.extend(d),
+                Err(e) => {
+                    warn!(source, image = %image, error = %e, "converted snapshots left behind");
+                    out.warnings.push(e.to_string());
+                }
+            }
         }
         Ok(out)
     }
@@ -850,7 +924,12 @@ impl Fleet {
     }
 
     /// Tags resources with `key = value`, in calls of at most 1000 resources.
-    async fn tag(&self, resources: &[String], key: &str, value: &str) -> Result<(), FleetError> {
+    pub(crate) async fn tag(
+        &self,
+        resources: &[String],
+        key: &str,
+        value: &str,
+    ) -> Result<(), FleetError> {
         for chunk in resources.chunks(1000) {
             self.ec2
                 .create_tags()

@@ -517,6 +517,14 @@ impl Fleet {
         } else {
             Vec::new()
         };
+        // A cutover's restore point is kept out of the server's policy from now on (it must
+        // still exist when the cutover is finalized, and a converted image does not pin it);
+        // finalize turns the tag into `cutover-finalized`, a rollback removes it.
+        if req.mode == LaunchMode::Cutover {
+            let snaps: Vec<String> = rp.disks.iter().map(|d| d.snapshot_id.clone()).collect();
+            self.tag(&snaps, aws_tags::KEEP, aws_tags::KEEP_CUTOVER)
+                .await?;
+        }
         // The image before any test instance is terminated: a conversion that refuses the
         // source leaves everything as it was.
         let image = self

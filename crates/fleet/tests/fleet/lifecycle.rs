@@ -495,7 +495,7 @@ async fn an_image_in_use_is_kept() {
     let vol = env.replica_volume("src-00", "disk0").await;
     env.restore_point("src-00", "rp-1", 1_000, &["disk0"]).await;
     env.restore_point("src-01", "rp-a", 1_000, &["disk0"]).await;
-    env.restore_point("src-01", "rp-b", 2_000, &["disk0"]).await;
+    let rp_b = env.restore_point("src-01", "rp-b", 2_000, &["disk0"]).await;
 
     let a = env
         .fleet
@@ -557,6 +557,15 @@ async fn an_image_in_use_is_kept() {
     assert_ne!(cut.image_id, test.image_id);
     assert!(!registered(&env, &test.image_id).await);
     assert!(registered(&env, &cut.image_id).await);
+    // The cutover's restore point is kept out of the server's policy while it runs.
+    let snaps = snapshots(&env).await;
+    for s in rp_b.values() {
+        assert_eq!(
+            snaps[s].get("slipway:keep").map(String::as_str),
+            Some("cutover"),
+            "{s}"
+        );
+    }
 
     // Rolling the cutover back deregisters its image and leaves the source ready for cutover.
     let r = env
@@ -572,6 +581,11 @@ async fn an_image_in_use_is_kept() {
         .unwrap();
     assert_eq!(r.terminated, std::slice::from_ref(&cut.instance_id));
     assert!(!registered(&env, &cut.image_id).await);
+    // ...and gives its restore point back to the policy.
+    let snaps = snapshots(&env).await;
+    for s in rp_b.values() {
+        assert!(!snaps[s].contains_key("slipway:keep"), "{s}");
+    }
 }
 
 /// `--keep` adds restore points to the one the cutover was launched from; each must exist; a
@@ -601,6 +615,27 @@ async fn finalize_keeps_the_chosen_restore_points() {
         .unwrap();
     assert_eq!(cut.image_id, image);
 
+    // A test launched beside the cutover would be stranded by a finalize: refused until it
+    // is terminated.
+    let extra = env
+        .fleet
+        .launch(&t, &req("src-00", LaunchMode::Test, Some("rp-3")))
+        .await
+        .unwrap();
+    let e = env
+        .fleet
+        .finalize(&t, &finalize("src-00", &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&extra.instance_id) && e.to_string().contains("still live"),
+        "{e}"
+    );
+    env.fleet
+        .terminate_launches(&t, &terminate("src-00"))
+        .await
+        .unwrap();
+
     let e = env
         .fleet
         .finalize(&t, &finalize("src-00", &["rp-nope"]))
@@ -610,11 +645,12 @@ async fn finalize_keeps_the_chosen_restore_points() {
         e.to_string(),
         "no restore point rp-nope of source src-00 to keep"
     );
-    // Nothing was tagged by the refused run.
-    assert!(snapshots(&env)
-        .await
-        .values()
-        .all(|t| !t.contains_key("slipway:keep")));
+    // Nothing was tagged by the refused run (the cutover's restore point is kept as the
+    // cutover's since its launch).
+    assert!(snapshots(&env).await.iter().all(|(id, t)| {
+        let want = rp2.values().any(|s| s == id).then_some("cutover");
+        t.get("slipway:keep").map(String::as_str) == want
+    }));
 
     let f = env
         .fleet
