@@ -37,6 +37,22 @@ async fn imds_of(env: &MotoEnv) -> Imds {
     Imds::start(meta).await
 }
 
+/// The environment `slipway serve` needs to use the emulator at `endpoint` (or a proxy in front
+/// of it), the IMDSv2 stand-in, and files for the emulated volumes in `devs`.
+fn server_env(endpoint: &str, imds: &Imds, devs: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint.clone()),
+        (
+            "SLIPWAY_AWS_DEVICE_MAP_DIR",
+            devs.to_str().unwrap().to_string(),
+        ),
+    ]
+}
+
 /// The first `len` bytes of a snapshot as EBS direct serves them: ListSnapshotBlocks (every
 /// page), GetSnapshotBlock of each listed block with its SHA-256 checked; unlisted blocks are
 /// zeros.
@@ -106,15 +122,8 @@ fn agent_replicates_into_ebs_volumes_and_restore_points_are_ebs_snapshots() {
     )
     .unwrap();
     let endpoint = env.moto.endpoint();
-    let devs_s = devs.to_str().unwrap().to_string();
-    let envs: Vec<(&str, &str)> = vec![
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint.as_str()),
-        ("SLIPWAY_AWS_DEVICE_MAP_DIR", devs_s.as_str()),
-    ];
+    let owned = server_env(&endpoint, &imds, &devs);
+    let envs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let var = d.path().join("var");
     let mut server = Server::start_env(
         &var,
@@ -425,15 +434,8 @@ fn a_throttled_snapshot_request_holds_the_writes_no_longer_than_the_bound() {
          max_attempts = 8\ninitial_backoff = \"1s\"\n[pit]\ntiers = [{ every = \"1w\", keep = 1 }]\n",
     )
     .unwrap();
-    let devs_s = devs.to_str().unwrap().to_string();
-    let envs: Vec<(&str, &str)> = vec![
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint.as_str()),
-        ("SLIPWAY_AWS_DEVICE_MAP_DIR", devs_s.as_str()),
-    ];
+    let owned = server_env(&endpoint, &imds, &devs);
+    let envs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let var = d.path().join("var");
     let server = Server::start_env(
         &var,
@@ -611,15 +613,8 @@ fn kept_restore_points_are_never_pruned_and_a_finalized_source_is_refused() {
     )
     .unwrap();
     let endpoint = env.moto.endpoint();
-    let devs_s = devs.to_str().unwrap().to_string();
-    let envs: Vec<(&str, &str)> = vec![
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint.as_str()),
-        ("SLIPWAY_AWS_DEVICE_MAP_DIR", devs_s.as_str()),
-    ];
+    let owned = server_env(&endpoint, &imds, &devs);
+    let envs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let var = d.path().join("var");
     let mut server = Server::start_env(
         &var,
