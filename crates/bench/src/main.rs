@@ -8,6 +8,7 @@
 mod linkemu;
 mod live;
 mod loadgen;
+mod pagereport;
 mod report;
 mod scenarios;
 mod slipway;
@@ -66,6 +67,10 @@ struct Cli {
     /// printed at the top of the run's own sections.
     #[arg(long, value_name = "TEXT")]
     remark: Option<String>,
+    /// Leave the virtual machine's free page reporting on (by default the run turns it off
+    /// and restores it at the end: see crates/bench/src/pagereport.rs).
+    #[arg(long)]
+    keep_page_reporting: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +217,21 @@ fn bench(cli: Cli) -> Result<()> {
     };
     scenarios::cleanup_namespaces();
     machine_info(&mut ctx);
+    let reporting = match pagereport::turn_off(cli.keep_page_reporting) {
+        pagereport::Outcome::Off(guard, what) => {
+            eprintln!("slipway-bench: free page reporting {what}");
+            ctx.report
+                .machine
+                .push(("free page reporting (virtio-balloon)".into(), what));
+            Some(guard)
+        }
+        pagereport::Outcome::Left(what) => {
+            ctx.report
+                .machine
+                .push(("free page reporting (virtio-balloon)".into(), what));
+            None
+        }
+    };
     ctx.report
         .machine
         .push(("load average at the start (1/5/15 min)".into(), loadavg()));
@@ -266,6 +286,13 @@ fn bench(cli: Cli) -> Result<()> {
         scenarios::cleanup_namespaces();
     }
     let total = started.elapsed();
+    if let Some(kib) = reporting.as_ref().and_then(|g| g.reported_since()) {
+        ctx.report.machine.push((
+            "memory reported to the host during the run".into(),
+            format!("{kib} KiB"),
+        ));
+    }
+    drop(reporting);
     ctx.report
         .machine
         .push(("load average at the end (1/5/15 min)".into(), loadavg()));

@@ -133,6 +133,12 @@ pub struct ApplierConfig {
     /// Directory of captures' spill files (created when first needed). `None`: a capture
     /// that needs more than `capture_memory_bytes` fails — the bound holds either way.
     pub spill_dir: Option<PathBuf>,
+    /// Flushes in flight at once (flusher threads), at least one. With one, a write that
+    /// lands just after a flush began waits for that flush and the whole next one; with two,
+    /// the next flush starts at once. Measured on one device queue, two bought no ack p99 and
+    /// cost 40–50% more `fdatasync`s per write (docs/decisions.md, "One flush in flight per
+    /// disk, measured"), so the default is one.
+    pub flushers: usize,
 }
 
 /// Default of [`ApplierConfig::capture_memory_bytes`] (the server's
@@ -146,6 +152,7 @@ impl Default for ApplierConfig {
             changes_path: None,
             capture_memory_bytes: DEFAULT_CAPTURE_MEMORY,
             spill_dir: None,
+            flushers: 1,
         }
     }
 }
@@ -636,6 +643,7 @@ impl Applier {
     ) -> Result<(Self, ApplierEvents), StoreError> {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let start = meta.durable_seq;
+        let n_flushers = config.flushers.max(1);
         let changes = match &config.changes_path {
             Some(p) => {
                 let m = ChangeMap::load(p, meta.size);
@@ -660,7 +668,7 @@ impl Applier {
             meta_sync: Mutex::new(MetaSync::default()),
             meta_cv: Condvar::new(),
             events: Mutex::new(Some(events_tx)),
-            publishers: AtomicUsize::new(2 + FLUSHERS),
+            publishers: AtomicUsize::new(2 + n_flushers),
             config,
             changes: Mutex::new(changes),
             capture: Mutex::new(None),
@@ -678,8 +686,8 @@ impl Applier {
                 writer_loop(s, rx)
             })
             .expect("spawning writer thread");
-        let mut flushers = Vec::with_capacity(FLUSHERS);
-        for i in 0..FLUSHERS {
+        let mut flushers = Vec::with_capacity(n_flushers);
+        for i in 0..n_flushers {
             let s = shared.clone();
             // Each flusher its own descriptor (see `Volume::flush_handle`).
             let own = match s.vol.flush_handle() {
@@ -910,12 +918,7 @@ fn hold_at_marker(s: &Shared, seq: u64, marker_id: u64) -> Hold {
     }
 }
 
-/// Flushes in flight at once per disk. With one, a write that lands just after a flush began
-/// waits for that flush and the whole next one (up to two `fdatasync`s); with two, the next
-/// flush starts at once and covers it (about one). More buys nothing on one device queue.
-const FLUSHERS: usize = 2;
-
-/// One of the disk's [`FLUSHERS`] flusher threads. Each snapshots the written position, flushes,
+/// One of the disk's flusher threads ([`ApplierConfig::flushers`]). Each snapshots the written position, flushes,
 /// and publishes that snapshot as durable — in the order the flushes *started*, so durable
 /// positions (and their events) only move forward and a flush never claims writes it did not
 /// cover: every write up to its snapshot had returned from `pwrite` before its `fdatasync`
@@ -1267,7 +1270,7 @@ mod tests {
         }
     }
 
-    /// A write that lands while a flush runs starts the next flush at once (two in flight),
+    /// With two flushers, a write that lands while a flush runs starts the next flush at once,
     /// and a later flush that finishes first publishes only after the earlier one: durable
     /// positions only move forward.
     #[test]
@@ -1283,7 +1286,10 @@ mod tests {
             vol.clone(),
             DiskMeta::new("s", "d", 1 << 20, 512),
             d.path().join("d.meta.json"),
-            ApplierConfig::default(),
+            ApplierConfig {
+                flushers: 2,
+                ..ApplierConfig::default()
+            },
         )
         .unwrap();
         std::thread::spawn(move || {

@@ -1,0 +1,93 @@
+//! Free page reporting off for the run: a condition of the machine, like an idle CPU.
+//!
+//! On a virtual machine with virtio-balloon's free page reporting, the guest hands memory it
+//! has freed back to its host; the next time the kernel allocates such a page (a page-cache
+//! page for a `pwrite`, a fresh heap page) the host faults it in again. Every contender that
+//! writes gigabytes through the page cache pays for it, by an amount that depends on what ran
+//! a few seconds earlier: on the development machine `dd` of 3.2 GB took 2.6–7.6 s of system
+//! time with reporting on and 0.78 s with it off (docs/decisions.md, "Benchmarks run with free
+//! page reporting off"). The instances Slipway runs on in production (EC2 Nitro) have no
+//! virtio balloon, so the figures are taken without it: the run raises the reporting order
+//! above any block the kernel has (nothing is reported) and puts the old value back when it
+//! ends. `--keep-page-reporting` measures with it on.
+
+use std::path::{Path, PathBuf};
+
+const ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+/// Kernel-side counter of reported memory (present on some kernels only).
+const REPORTED: &str = "/sys/module/page_reporting/parameters/reported_kib";
+
+/// Holds reporting off; restores the previous order when dropped.
+pub struct Off {
+    path: PathBuf,
+    old: String,
+    reported_at_start: Option<u64>,
+}
+
+/// What the run did about page reporting, for the report's machine section.
+pub enum Outcome {
+    /// Turned off for the run (the guard puts it back).
+    Off(Off, String),
+    /// Left as it is, with the reason.
+    Left(String),
+}
+
+fn reported_kib() -> Option<u64> {
+    std::fs::read_to_string(REPORTED).ok()?.trim().parse().ok()
+}
+
+/// Turns free page reporting off if the kernel has it (and `keep` is false).
+pub fn turn_off(keep: bool) -> Outcome {
+    let path = Path::new(ORDER);
+    let Ok(old) = std::fs::read_to_string(path) else {
+        return Outcome::Left("not present (no virtio-balloon free page reporting)".into());
+    };
+    let old = old.trim().to_string();
+    if keep {
+        return Outcome::Left(format!(
+            "left on (--keep-page-reporting; order {old}): page-cache figures include the \
+             host faulting freed memory back in"
+        ));
+    }
+    // The largest order the kernel accepts above every buddy block: nothing is reported.
+    for v in ["11", "10"] {
+        if std::fs::write(path, v).is_ok() {
+            let off = Off {
+                path: path.to_owned(),
+                old: old.clone(),
+                reported_at_start: reported_kib(),
+            };
+            return Outcome::Off(
+                off,
+                format!(
+                    "turned off for the run (page_reporting_order {old} → {v}, restored at the \
+                     end): freed guest memory is not handed back to the host, as on EC2 Nitro \
+                     instances (no virtio balloon)"
+                ),
+            );
+        }
+    }
+    Outcome::Left(format!(
+        "on (order {old}; could not raise it: not root?): page-cache figures include the host \
+         faulting freed memory back in"
+    ))
+}
+
+impl Off {
+    /// KiB the kernel reported to the host since the guard was made (if it counts them).
+    pub fn reported_since(&self) -> Option<u64> {
+        Some(reported_kib()?.saturating_sub(self.reported_at_start?))
+    }
+}
+
+impl Drop for Off {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.old) {
+            eprintln!(
+                "slipway-bench: could not restore {} to {}: {e}",
+                self.path.display(),
+                self.old
+            );
+        }
+    }
+}
