@@ -4,7 +4,7 @@
 //! has freed back to its host; the next time the kernel allocates such a page (a page-cache
 //! page for a `pwrite`, a fresh heap page) the host faults it in again. Every contender that
 //! writes gigabytes through the page cache pays for it, by an amount that depends on what ran
-//! a few seconds earlier: on the development machine `dd` of 3.2 GB took 2.6–7.6 s of system
+//! a few seconds earlier: on the development machine `dd` of 3200 MiB took 2.6–7.6 s of system
 //! time with reporting on and 0.78 s with it off (docs/decisions.md, "Benchmarks run with free
 //! page reporting off"). The instances Slipway runs on in production (EC2 Nitro) have no
 //! virtio balloon, so the figures are taken without it: the run raises the reporting order
@@ -49,8 +49,28 @@ pub fn turn_off(keep: bool) -> Outcome {
              host faulting freed memory back in"
         ));
     }
-    // The largest order the kernel accepts above every buddy block: nothing is reported.
-    for v in ["11", "10"] {
+    // An order above every buddy block: nothing is reported. Mainline kernels clamp the
+    // parameter to MAX_PAGE_ORDER (10 on x86-64) and refuse 11; there the order can only be
+    // raised to 10, which still reports 4 MiB blocks, and the report says so.
+    let leftover = if old.parse::<u32>().is_ok_and(|o| o >= 10) {
+        " — it was already raised when the run began (an interrupted run leaves it so; the \
+         kernel's default is 9, pageblock_order): the end of this run restores that raised \
+         value"
+    } else {
+        ""
+    };
+    for (v, what) in [
+        (
+            "11",
+            "turned off for the run: freed guest memory is not handed back to the host, as on \
+             EC2 Nitro instances (no virtio balloon)",
+        ),
+        (
+            "10",
+            "only reduced for the run (this kernel refuses 11): free 4 MiB blocks are still \
+             handed back to the host, so page-cache figures may include its faults",
+        ),
+    ] {
         if std::fs::write(path, v).is_ok() {
             let off = Off {
                 path: path.to_owned(),
@@ -59,11 +79,7 @@ pub fn turn_off(keep: bool) -> Outcome {
             };
             return Outcome::Off(
                 off,
-                format!(
-                    "turned off for the run (page_reporting_order {old} → {v}, restored at the \
-                     end): freed guest memory is not handed back to the host, as on EC2 Nitro \
-                     instances (no virtio balloon)"
-                ),
+                format!("{what} (page_reporting_order {old} → {v}, restored at the end{leftover})"),
             );
         }
     }
