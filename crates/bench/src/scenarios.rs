@@ -1475,6 +1475,7 @@ pub fn s3_many_agents(ctx: &mut Ctx) -> Result<()> {
     let big: u64 = if ctx.quick { 512 * MIB } else { 2 << 30 };
     let src1 = source(ctx, "src-2g.img", big, 1)?;
     let (mut bound, mut of_bound): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
+    let (mut agg10, mut scpu10): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     let (mut agg, mut ratio, mut hwm, mut hwm10, mut per_agent, mut scpu, mut acpu) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let total = (n as u64 * size) as f64;
@@ -1545,6 +1546,9 @@ pub fn s3_many_agents(ctx: &mut Ctx) -> Result<()> {
         ratio.push(rate / r1 * 100.0);
         hwm.push(m.server_hwm as f64 / MIB as f64);
         hwm10.push(m10.server_hwm as f64 / MIB as f64);
+        let total10 = (small as u64 * size) as f64;
+        agg10.push(total10 / m10.wall / 1e6);
+        scpu10.push(m10.server_cpu / (total10 / GIB));
         per_agent
             .push((m.server_hwm as f64 - m10.server_hwm as f64) / (n - small) as f64 / MIB as f64);
         scpu.push(m.server_cpu / (total / GIB));
@@ -1624,6 +1628,73 @@ pub fn s3_many_agents(ctx: &mut Ctx) -> Result<()> {
         "CPU-s/GiB",
         2,
     );
+    rep.raw(
+        "3",
+        &format!("{small} agents: aggregate rate"),
+        stat(&agg10),
+        "MB/s",
+        0,
+    );
+    rep.raw(
+        "3",
+        &format!("{small} agents: server CPU per GiB"),
+        stat(&scpu10),
+        "CPU-s/GiB",
+        2,
+    );
+    // The curve's last point: 200 real agents, once (each agent process holds its disk's
+    // window, ~64 MiB here, so 200 of them need about 13 GiB of memory).
+    let most = 2 * n;
+    if !ctx.quick && ctx.fits(Duration::from_secs(240)) {
+        match many_agents(ctx, most, &src, size) {
+            Ok(m) => {
+                let t = (most as u64 * size) as f64;
+                eprintln!(
+                    "   {most} agents: {:.2} s ({:.0} MB/s), server HWM {}",
+                    m.wall,
+                    t / m.wall / 1e6,
+                    human(m.server_hwm as f64)
+                );
+                let rep = &mut ctx.report;
+                rep.raw(
+                    "3",
+                    &format!("{most} agents (one run): aggregate rate"),
+                    stat(&[t / m.wall / 1e6]),
+                    "MB/s",
+                    0,
+                );
+                rep.raw(
+                    "3",
+                    &format!("{most} agents: server CPU per GiB"),
+                    stat(&[m.server_cpu / (t / GIB)]),
+                    "CPU-s/GiB",
+                    2,
+                );
+                rep.raw(
+                    "3",
+                    &format!("{most} agents: all agents' CPU per GiB"),
+                    stat(&[m.agents_cpu / (t / GIB)]),
+                    "CPU-s/GiB",
+                    2,
+                );
+                rep.raw(
+                    "3",
+                    &format!("{most} agents: server peak RSS"),
+                    stat(&[m.server_hwm as f64 / MIB as f64]),
+                    "MiB",
+                    0,
+                );
+            }
+            Err(e) => ctx.report.note(
+                "3",
+                format!(
+                    "the {most}-agent run failed: {}",
+                    crate::one_paragraph(&format!("{e:#}"))
+                ),
+            ),
+        }
+    }
+    let rep = &mut ctx.report;
     rep.note(
         "3",
         format!(
@@ -1632,11 +1703,14 @@ pub fn s3_many_agents(ctx: &mut Ctx) -> Result<()> {
              server still writes {n} separate volumes, {} in all). Wall = from the first spawn \
              to the last exit. Each run pairs it with a fresh single-agent sync of scenario 1's \
              {} disk; the ratio is computed within the pair. Peak RSS is the server's VmHWM; \
-             a {small}-agent run in the same pair gives the per-agent slope. Agents and server \
+             a {small}-agent run in the same pair gives the per-agent slope. One run of {} \
+             agents after the pairs completes the curve (1, {small}, {n}, {}). Agents and server \
              share the machine's {} cores.",
             human(size as f64),
             human(total),
             human(big as f64),
+            2 * n,
+            2 * n,
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(0)
