@@ -67,7 +67,19 @@ pub struct Tuning {
     pub socket_buffer: usize,
     /// Streams a peer may open at once.
     pub max_streams: u32,
+    /// Ack-eliciting packets the peer may receive before it must acknowledge them (QUIC's
+    /// ACK frequency extension, draft-ietf-quic-ack-frequency; out-of-order packets are still
+    /// acknowledged at once, so loss is seen as soon as before). `None`: ask nothing, the peer
+    /// acknowledges every second packet. The agent sends and the server receives, so this is
+    /// what the server's acknowledgements cost: at 100 connections the server sent 31–45 %
+    /// fewer datagrams and spent 6 % less CPU per GiB (docs/decisions.md).
+    pub ack_eliciting_threshold: Option<u32>,
 }
+
+/// Default of [`Tuning::ack_eliciting_threshold`]: an ACK per 17 packets, about 110 KB at the
+/// 6500-byte payloads used on loopback and in a VPC, still several per round trip of a WAN
+/// window.
+pub const ACK_ELICITING_THRESHOLD: u32 = 16;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -82,6 +94,7 @@ impl Default for Tuning {
             keep_alive: Duration::from_secs(5),
             socket_buffer: 16 << 20,
             max_streams: 64,
+            ack_eliciting_threshold: Some(ACK_ELICITING_THRESHOLD),
         }
     }
 }
@@ -105,6 +118,11 @@ impl Tuning {
             quinn::IdleTimeout::try_from(self.idle_timeout).expect("idle timeout in range"),
         ));
         t.keep_alive_interval(Some(self.keep_alive));
+        if let Some(n) = self.ack_eliciting_threshold {
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(n.into());
+            t.ack_frequency_config(Some(ack));
+        }
         match self.congestion {
             Congestion::Cubic => {
                 t.congestion_controller_factory(Arc::new(congestion::CubicConfig::default()))

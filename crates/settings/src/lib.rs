@@ -484,6 +484,7 @@ impl Settings {
             keep_alive,
             socket_buffer: size("quic.socket_buffer", q.socket_buffer.as_ref(), "16MiB")? as usize,
             max_streams: max_disks + 1,
+            ack_eliciting_threshold: Some(slipway_net::ACK_ELICITING_THRESHOLD),
         };
 
         let quic_receive_memory = size("quic.receive_memory", q.receive_memory.as_ref(), "256MiB")?;
