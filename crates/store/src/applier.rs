@@ -918,11 +918,11 @@ fn hold_at_marker(s: &Shared, seq: u64, marker_id: u64) -> Hold {
     }
 }
 
-/// One of the disk's flusher threads ([`ApplierConfig::flushers`]). Each snapshots the written position, flushes,
-/// and publishes that snapshot as durable — in the order the flushes *started*, so durable
-/// positions (and their events) only move forward and a flush never claims writes it did not
-/// cover: every write up to its snapshot had returned from `pwrite` before its `fdatasync`
-/// began.
+/// One of the disk's flusher threads ([`ApplierConfig::flushers`]). Each snapshots the written
+/// position, flushes, and publishes that snapshot as durable — in the order the flushes
+/// *started*, so durable positions (and their events) only move forward and a flush never
+/// claims writes it did not cover: every write up to its snapshot had returned from `pwrite`
+/// before its `fdatasync` began.
 fn flusher_loop(s: Arc<Shared>, own: Option<Box<dyn crate::volume::FlushHandle>>) {
     loop {
         let mut st = s.state.lock().unwrap();
