@@ -217,21 +217,11 @@ fn bench(cli: Cli) -> Result<()> {
     };
     scenarios::cleanup_namespaces();
     machine_info(&mut ctx);
-    let reporting = match pagereport::turn_off(cli.keep_page_reporting) {
-        pagereport::Outcome::Off(guard, what) => {
-            eprintln!("slipway-bench: free page reporting {what}");
-            ctx.report
-                .machine
-                .push(("free page reporting (virtio-balloon)".into(), what));
-            Some(guard)
-        }
-        pagereport::Outcome::Left(what) => {
-            ctx.report
-                .machine
-                .push(("free page reporting (virtio-balloon)".into(), what));
-            None
-        }
-    };
+    let (reporting, what) = pagereport::turn_off(cli.keep_page_reporting);
+    eprintln!("slipway-bench: free page reporting {what}");
+    ctx.report
+        .machine
+        .push(("free page reporting (virtio-balloon)".into(), what));
     ctx.report
         .machine
         .push(("load average at the start (1/5/15 min)".into(), loadavg()));

@@ -24,30 +24,29 @@ pub struct Off {
     reported_at_start: Option<u64>,
 }
 
-/// What the run did about page reporting, for the report's machine section.
-pub enum Outcome {
-    /// Turned off for the run (the guard puts it back).
-    Off(Off, String),
-    /// Left as it is, with the reason.
-    Left(String),
-}
-
 fn reported_kib() -> Option<u64> {
     std::fs::read_to_string(REPORTED).ok()?.trim().parse().ok()
 }
 
-/// Turns free page reporting off if the kernel has it (and `keep` is false).
-pub fn turn_off(keep: bool) -> Outcome {
+/// Turns free page reporting off if the kernel has it (and `keep` is false). Returns the
+/// guard that restores it (`None`: left as it was) and what was done, for the report.
+pub fn turn_off(keep: bool) -> (Option<Off>, String) {
     let path = Path::new(ORDER);
     let Ok(old) = std::fs::read_to_string(path) else {
-        return Outcome::Left("not present (no virtio-balloon free page reporting)".into());
+        return (
+            None,
+            "not present (no virtio-balloon free page reporting)".into(),
+        );
     };
     let old = old.trim().to_string();
     if keep {
-        return Outcome::Left(format!(
-            "left on (--keep-page-reporting; order {old}): page-cache figures include the \
+        return (
+            None,
+            format!(
+                "left on (--keep-page-reporting; order {old}): page-cache figures include the \
              host faulting freed memory back in"
-        ));
+            ),
+        );
     }
     // An order above every buddy block: nothing is reported. Mainline kernels clamp the
     // parameter to MAX_PAGE_ORDER (10 on x86-64) and refuse 11; there the order can only be
@@ -77,16 +76,19 @@ pub fn turn_off(keep: bool) -> Outcome {
                 old: old.clone(),
                 reported_at_start: reported_kib(),
             };
-            return Outcome::Off(
-                off,
+            return (
+                Some(off),
                 format!("{what} (page_reporting_order {old} → {v}, restored at the end{leftover})"),
             );
         }
     }
-    Outcome::Left(format!(
-        "on (order {old}; could not raise it: not root?): page-cache figures include the host \
+    (
+        None,
+        format!(
+            "on (order {old}; could not raise it: not root?): page-cache figures include the host \
          faulting freed memory back in"
-    ))
+        ),
+    )
 }
 
 impl Off {
